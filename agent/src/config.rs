@@ -1,0 +1,367 @@
+//! Agent configuration: a YAML file, overridden field by field by flags.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// What the capture proxy does with a captured connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward the bytes to the original destination (debugging; no gateway).
+    #[default]
+    Direct,
+}
+
+/// The YAML file given by `--config`. Every field is optional: flags fill in
+/// or override. Unknown fields are errors so that typos do not go unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+    #[serde(default)]
+    pub proxy: ProxyFileConfig,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub ports: Option<Vec<u16>>,
+    #[serde(default)]
+    pub workloads: WorkloadsFileConfig,
+    pub admin: Option<SocketAddr>,
+    pub mode: Option<Mode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyFileConfig {
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    #[serde(default)]
+    pub advertise: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadsFileConfig {
+    /// Path of a static workload file (see `registry`).
+    #[serde(rename = "static")]
+    pub static_file: Option<PathBuf>,
+}
+
+/// The effective configuration after merging file and flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub advertise_v4: Option<SocketAddr>,
+    pub advertise_v6: Option<SocketAddr>,
+    pub hosts: Vec<String>,
+    pub ports: Vec<u16>,
+    pub workloads_file: PathBuf,
+    pub admin: SocketAddr,
+    pub mode: Mode,
+    pub resolve: ResolveTiming,
+}
+
+/// Bounds on how often targets are re-resolved: the record's TTL, clamped.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolveTiming {
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    pub retry: Duration,
+}
+
+impl Default for ResolveTiming {
+    fn default() -> Self {
+        ResolveTiming {
+            min_refresh: Duration::from_secs(5),
+            max_refresh: Duration::from_secs(300),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// Values given on the command line; `None`/empty means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+    pub listen: Vec<SocketAddr>,
+    pub advertise: Vec<SocketAddr>,
+    pub hosts: Vec<String>,
+    pub ports: Vec<u16>,
+    pub workloads_file: Option<PathBuf>,
+    pub admin: Option<SocketAddr>,
+    pub mode: Option<Mode>,
+}
+
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/llm-egress";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:15001";
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(FileConfig::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Merges flags over the file and checks the result.
+    pub fn resolve(file: FileConfig, flags: Overrides) -> Result<Config, ConfigError> {
+        let pick = |flag: Vec<SocketAddr>, file: Vec<SocketAddr>| if flag.is_empty() { file } else { flag };
+        let listen = pick(flags.listen, file.proxy.listen);
+        let advertise = pick(flags.advertise, file.proxy.advertise);
+        let hosts = if flags.hosts.is_empty() {
+            file.hosts
+        } else {
+            flags.hosts
+        };
+        let ports = if flags.ports.is_empty() {
+            file.ports.unwrap_or_else(|| vec![80, 443])
+        } else {
+            flags.ports
+        };
+
+        let invalid = |field, message: String| ConfigError::Invalid { field, message };
+
+        let mut advertise_v4 = None;
+        let mut advertise_v6 = None;
+        for addr in advertise {
+            let slot = if addr.is_ipv4() {
+                &mut advertise_v4
+            } else {
+                &mut advertise_v6
+            };
+            if slot.is_some() {
+                return Err(invalid(
+                    "proxy.advertise",
+                    format!(
+                        "more than one {} address; give at most one IPv4 and one IPv6 address",
+                        if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ),
+                ));
+            }
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                return Err(invalid(
+                    "proxy.advertise",
+                    format!("{addr} is not an address workloads can connect to; give the node IP as seen from pods and a non-zero port"),
+                ));
+            }
+            *slot = Some(addr);
+        }
+        if advertise_v4.is_none() && advertise_v6.is_none() {
+            return Err(invalid(
+                "proxy.advertise",
+                "missing: give the proxy address as seen from workloads (--proxy-advertise 10.0.0.1:15001)"
+                    .into(),
+            ));
+        }
+        let listen = if listen.is_empty() {
+            let port = advertise_v4.or(advertise_v6).map(|a| a.port()).unwrap_or(15001);
+            let mut l: SocketAddr = DEFAULT_LISTEN.parse().expect("constant address");
+            l.set_port(port);
+            vec![l]
+        } else {
+            listen
+        };
+        if hosts.is_empty() {
+            return Err(invalid(
+                "hosts",
+                "no LLM hosts to capture; list at least one (--host dashscope.aliyuncs.com)".into(),
+            ));
+        }
+        for host in &hosts {
+            if host.trim().is_empty() || host.contains('/') || host.contains(' ') {
+                return Err(invalid(
+                    "hosts",
+                    format!("{host:?} is not a host name or IP address"),
+                ));
+            }
+        }
+        if ports.is_empty() || ports.contains(&0) {
+            return Err(invalid("ports", "ports must be non-empty and non-zero".into()));
+        }
+        let workloads_file = flags
+            .workloads_file
+            .or(file.workloads.static_file)
+            .ok_or_else(|| {
+                invalid(
+                    "workloads.static",
+                    "missing: give the static workload file (--workloads FILE)".into(),
+                )
+            })?;
+
+        Ok(Config {
+            cgroup_root: flags
+                .cgroup_root
+                .or(file.cgroup_root)
+                .unwrap_or_else(|| DEFAULT_CGROUP_ROOT.into()),
+            bpffs: flags.bpffs.or(file.bpffs).unwrap_or_else(|| DEFAULT_BPFFS.into()),
+            listen,
+            advertise_v4,
+            advertise_v6,
+            hosts,
+            ports,
+            workloads_file,
+            admin: flags
+                .admin
+                .or(file.admin)
+                .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant address")),
+            mode: flags.mode.or(file.mode).unwrap_or_default(),
+            resolve: ResolveTiming::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+cgroupRoot: /sys/fs/cgroup/unified
+bpffs: /sys/fs/bpf/test
+proxy:
+  listen: ["0.0.0.0:15001", "[::]:15001"]
+  advertise: ["10.0.0.1:15001", "[fd00::1]:15001"]
+hosts: [dashscope.aliyuncs.com, api.openai.com]
+workloads:
+  static: /etc/llm-egress/workloads.yaml
+admin: 127.0.0.1:9000
+mode: direct
+"#;
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("agent.yaml"), text)
+    }
+
+    #[test]
+    fn full_file_parses_and_resolves() {
+        let cfg = Config::resolve(parse(FULL).unwrap(), Overrides::default()).unwrap();
+        assert_eq!(cfg.cgroup_root, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(cfg.listen.len(), 2);
+        assert_eq!(cfg.advertise_v4, Some("10.0.0.1:15001".parse().unwrap()));
+        assert_eq!(cfg.advertise_v6, Some("[fd00::1]:15001".parse().unwrap()));
+        assert_eq!(cfg.hosts, ["dashscope.aliyuncs.com", "api.openai.com"]);
+        assert_eq!(cfg.ports, [80, 443]);
+        assert_eq!(cfg.admin, "127.0.0.1:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let flags = Overrides {
+            hosts: vec!["llm.example.test".into()],
+            advertise: vec!["10.9.9.9:1".parse().unwrap()],
+            ports: vec![8080],
+            ..Default::default()
+        };
+        let cfg = Config::resolve(parse(FULL).unwrap(), flags).unwrap();
+        assert_eq!(cfg.hosts, ["llm.example.test"]);
+        assert_eq!(cfg.ports, [8080]);
+        assert_eq!(cfg.advertise_v4, Some("10.9.9.9:1".parse().unwrap()));
+        assert_eq!(cfg.advertise_v6, None);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse("hosts: [a]\nproxxy: {}\n").unwrap_err().to_string();
+        assert!(err.contains("agent.yaml"), "{err}");
+        assert!(err.contains("proxxy"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_field() {
+        let err = parse("proxy:\n  advertise: [not-an-address]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("advertise"), "{err}");
+    }
+
+    #[test]
+    fn missing_advertise_is_reported() {
+        let err = Config::resolve(
+            parse("hosts: [a]\nworkloads: {static: /w}\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.advertise"), "{err}");
+    }
+
+    #[test]
+    fn unspecified_advertise_is_rejected() {
+        let err = Config::resolve(
+            parse("hosts: [a]\nworkloads: {static: /w}\nproxy: {advertise: [\"0.0.0.0:15001\"]}\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not an address workloads can connect to"), "{err}");
+    }
+
+    #[test]
+    fn two_ipv4_advertise_addresses_are_rejected() {
+        let flags = Overrides {
+            advertise: vec!["10.0.0.1:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap()],
+            ..Default::default()
+        };
+        let err =
+            Config::resolve(parse("hosts: [a]\nworkloads: {static: /w}\n").unwrap(), flags).unwrap_err();
+        assert!(err.to_string().contains("more than one IPv4"), "{err}");
+    }
+
+    #[test]
+    fn no_hosts_is_reported() {
+        let err = Config::resolve(
+            parse("workloads: {static: /w}\nproxy: {advertise: [\"10.0.0.1:15001\"]}\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("hosts"), "{err}");
+    }
+
+    #[test]
+    fn listen_defaults_to_advertised_port() {
+        let cfg = Config::resolve(
+            parse("hosts: [a]\nworkloads: {static: /w}\nproxy: {advertise: [\"10.0.0.1:16000\"]}\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen, vec!["0.0.0.0:16000".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let file = parse("  \n").unwrap();
+        assert!(file.hosts.is_empty());
+    }
+}

@@ -1,0 +1,297 @@
+//! llm-egress node agent: captures enrolled workloads' connections to LLM
+//! hosts with eBPF and forwards them with the workload's identity.
+
+mod admin;
+mod config;
+mod loader;
+mod metrics;
+mod preflight;
+mod proxy;
+mod registry;
+mod status;
+mod targets;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    config::{Config, FileConfig, Mode, Overrides},
+    registry::{Registry, StaticFileSource, WorkloadSource},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "llm-egress-agent",
+    version,
+    about = "llm-egress node agent: eBPF capture of LLM traffic from enrolled workloads"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "LLM_EGRESS_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach capture (or reuse a pinned one) and run the capture proxy.
+    Run(RunArgs),
+    /// Print targets, enrolled workloads and counters of a running agent.
+    Status(StatusArgs),
+    /// Detach the kernel programs and remove everything pinned under bpffs.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// YAML configuration file; flags override its fields.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// cgroup v2 directory the programs attach to (default /sys/fs/cgroup).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// Directory on a bpffs where maps and links are pinned (default /sys/fs/bpf/llm-egress).
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Address the capture proxy listens on (repeatable; default 0.0.0.0 on the advertised port).
+    #[arg(long = "proxy-listen")]
+    proxy_listen: Vec<SocketAddr>,
+    /// Proxy address as workloads reach it, e.g. the node IP (repeatable: one IPv4, one IPv6).
+    #[arg(long = "proxy-advertise")]
+    proxy_advertise: Vec<SocketAddr>,
+    /// LLM host to capture (repeatable); names are resolved, IP literals used as they are.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Destination port to capture on every host (repeatable; default 80 and 443).
+    #[arg(long = "port")]
+    ports: Vec<u16>,
+    /// Static workload file: YAML list of {namespace, serviceAccount, name, cgroupPath}.
+    #[arg(long)]
+    workloads: Option<PathBuf>,
+    /// Admin endpoint address (/healthz, /readyz, /metrics, /status; default 127.0.0.1:15021).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// What to do with captured connections.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Admin endpoint of the running agent.
+    #[arg(long, default_value = config::DEFAULT_ADMIN)]
+    admin: SocketAddr,
+    /// Print the raw JSON document instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct UninstallArgs {
+    /// Pin directory the agent was run with.
+    #[arg(long, default_value = config::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+}
+
+/// An error with the exit code it maps to: 1 runtime, 2 configuration,
+/// 3 permissions, 4 host environment.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
+    }
+}
+
+fn fail(code: u8, error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code,
+        error: error.into(),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Status(args) => status::print(args.admin, args.json).await.map_err(Failure::from),
+            Command::Uninstall(args) => uninstall(args),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn uninstall(args: UninstallArgs) -> Result<(), Failure> {
+    preflight::check_capabilities().map_err(|e| fail(e.exit_code() as u8, e))?;
+    if !args.bpffs.exists() {
+        println!(
+            "nothing pinned at {}; capture is not installed",
+            args.bpffs.display()
+        );
+        return Ok(());
+    }
+    let done = loader::uninstall(&args.bpffs)?;
+    println!(
+        "detached {} program link(s) and removed {} map(s) from {}",
+        done.links,
+        done.maps,
+        args.bpffs.display()
+    );
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<(), Failure> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).map_err(|e| fail(2, e))?,
+        None => FileConfig::default(),
+    };
+    let overrides = Overrides {
+        cgroup_root: args.cgroup_root,
+        bpffs: args.bpffs,
+        listen: args.proxy_listen,
+        advertise: args.proxy_advertise,
+        hosts: args.hosts,
+        ports: args.ports,
+        workloads_file: args.workloads,
+        admin: args.admin,
+        mode: args.mode,
+    };
+    let cfg = Config::resolve(file, overrides).map_err(|e| fail(2, e))?;
+
+    let env_fail = |e: preflight::PreflightError| fail(e.exit_code() as u8, e);
+    preflight::check_capabilities().map_err(env_fail)?;
+    preflight::check_bpf().map_err(env_fail)?;
+    preflight::check_cgroup_root(&cfg.cgroup_root).map_err(env_fail)?;
+    preflight::check_bpffs(&cfg.bpffs).map_err(env_fail)?;
+
+    // A bad workload file is a configuration error at startup; later it only
+    // keeps the last good list.
+    let mut source: Box<dyn WorkloadSource> = Box::new(StaticFileSource::new(cfg.workloads_file.clone()));
+    let initial = source.poll().map_err(|e| fail(2, e))?;
+
+    // Bind before touching the kernel so that a busy port fails cleanly.
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the capture proxy (is another agent running?)")
+        })?;
+        listeners.push(l);
+    }
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} for the admin endpoint", cfg.admin))?;
+
+    let capture = Arc::new(
+        loader::Capture::install(&cfg.cgroup_root, &cfg.bpffs, cfg.advertise_v4, cfg.advertise_v6)
+            .with_context(|| format!("installing capture on cgroup {}", cfg.cgroup_root.display()))?,
+    );
+    tracing::info!(
+        attachment = ?capture.attachment, cgroup_root = %cfg.cgroup_root.display(), pin_dir = %cfg.bpffs.display(),
+        advertise_v4 = ?cfg.advertise_v4, advertise_v6 = ?cfg.advertise_v6, "capture installed"
+    );
+
+    let registry = Arc::new(Registry::new(cfg.cgroup_root.clone(), source.as_ref()));
+    let _ = registry.apply(Ok(initial), &capture);
+
+    let targets = Arc::new(targets::Targets::new(&cfg.hosts, cfg.ports.clone()));
+    let metrics = Arc::new(metrics::Metrics::new(capture.clone()));
+    let proxy = Arc::new(proxy::Proxy::new(
+        capture.clone(),
+        registry.clone(),
+        targets.clone(),
+        metrics,
+        cfg.mode,
+    ));
+
+    tokio::spawn(
+        registry
+            .clone()
+            .run(source, capture.clone(), Duration::from_secs(1)),
+    );
+    tokio::spawn(targets.clone().run(capture.clone(), cfg.resolve));
+    let admin_state = Arc::new(admin::AdminState {
+        proxy: proxy.clone(),
+        cgroup_root: cfg.cgroup_root.clone(),
+        listen: cfg.listen.clone(),
+        advertise: cfg.advertise_v4.into_iter().chain(cfg.advertise_v6).collect(),
+        listening: false.into(),
+    });
+    for l in listeners {
+        tracing::info!(listen = %l.local_addr()?, mode = ?cfg.mode, "capture proxy listening");
+        tokio::spawn(proxy.clone().serve(l));
+    }
+    admin_state
+        .listening
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(admin = %cfg.admin, "admin endpoint listening");
+    let admin = axum::serve(admin_listener, admin::router(admin_state));
+
+    tokio::select! {
+        r = admin => r.context("admin endpoint failed")?,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down; capture stays attached (pinned) and fails closed until an agent runs again");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

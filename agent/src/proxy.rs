@@ -1,0 +1,192 @@
+//! The capture proxy: accepts connections that connect4/6 redirected, finds
+//! their original destination and workload, and forwards them (`direct`
+//! mode: straight to the original destination).
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    config::Mode,
+    loader::Capture,
+    metrics::{ByteLabels, ConnectionLabels, Metrics, RejectLabels},
+    registry::Registry,
+    targets::Targets,
+};
+
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RECENT_LEN: usize = 64;
+
+/// One captured connection, as shown by `status` (most recent last).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentConnection {
+    pub at: u64,
+    pub peer: SocketAddr,
+    pub original_destination: SocketAddr,
+    pub host: Option<String>,
+    pub namespace: String,
+    pub workload: String,
+    pub service_account: String,
+    pub principal: String,
+}
+
+pub struct Proxy {
+    pub capture: Arc<Capture>,
+    pub registry: Arc<Registry>,
+    pub targets: Arc<Targets>,
+    pub metrics: Arc<Metrics>,
+    pub mode: Mode,
+    recent: Mutex<VecDeque<RecentConnection>>,
+}
+
+impl Proxy {
+    pub fn new(
+        capture: Arc<Capture>,
+        registry: Arc<Registry>,
+        targets: Arc<Targets>,
+        metrics: Arc<Metrics>,
+        mode: Mode,
+    ) -> Proxy {
+        Proxy {
+            capture,
+            registry,
+            targets,
+            metrics,
+            mode,
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn recent(&self) -> Vec<RecentConnection> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(stream, peer).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn reject(&self, reason: &'static str) {
+        self.metrics
+            .rejected
+            .get_or_create(&RejectLabels { reason })
+            .inc();
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let Some(orig) = self.capture.take_orig_dst(peer) else {
+            // Not redirected by our programs (or the record was lost): never
+            // forward a connection whose destination we do not know.
+            tracing::debug!(%peer, "connection without a capture record; closing");
+            self.reject("no_record");
+            return;
+        };
+        let dst = orig.socket_addr();
+        let Some(workload) = self.registry.workload(orig.cgroup_id) else {
+            tracing::warn!(%peer, original_dst = %dst, cgroup_id = orig.cgroup_id, "captured connection from a cgroup that is no longer enrolled; closing");
+            self.reject("unknown_workload");
+            return;
+        };
+        let host = self.targets.host_of(dst.ip());
+        let destination = match &host {
+            Some(h) => format!("{h}:{}", dst.port()),
+            None => dst.to_string(),
+        };
+        let labels = ConnectionLabels {
+            namespace: workload.spec.namespace.clone(),
+            workload: workload.spec.name.clone(),
+            service_account: workload.spec.service_account.clone(),
+            destination: destination.clone(),
+        };
+        self.metrics.connections.get_or_create(&labels).inc();
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT_LEN {
+                recent.pop_front();
+            }
+            recent.push_back(RecentConnection {
+                at: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                peer,
+                original_destination: dst,
+                host: host.clone(),
+                namespace: labels.namespace.clone(),
+                workload: labels.workload.clone(),
+                service_account: labels.service_account.clone(),
+                principal: workload.principal(),
+            });
+        }
+
+        let started = Instant::now();
+        self.metrics.active.inc();
+        let result = match self.mode {
+            Mode::Direct => self.forward_direct(&mut client, dst).await,
+        };
+        self.metrics.active.dec();
+        match result {
+            Ok((sent, received)) => {
+                for (direction, n) in [("sent", sent), ("received", received)] {
+                    self.metrics
+                        .bytes
+                        .get_or_create(&ByteLabels {
+                            namespace: labels.namespace.clone(),
+                            workload: labels.workload.clone(),
+                            service_account: labels.service_account.clone(),
+                            destination: destination.clone(),
+                            direction,
+                        })
+                        .inc_by(n);
+                }
+                tracing::info!(
+                    %peer, original_dst = %dst, destination = %destination, principal = %workload.principal(),
+                    workload = %workload.spec.name, namespace = %workload.spec.namespace,
+                    sent, received, duration_ms = started.elapsed().as_millis() as u64,
+                    "captured connection closed"
+                );
+            }
+            Err(e) => {
+                self.reject("upstream_error");
+                tracing::warn!(%peer, original_dst = %dst, destination = %destination, principal = %workload.principal(), error = %e, "captured connection failed");
+            }
+        }
+    }
+
+    async fn forward_direct(&self, client: &mut TcpStream, dst: SocketAddr) -> std::io::Result<(u64, u64)> {
+        let mut upstream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {dst} timed out"),
+                )
+            })??;
+        let _ = upstream.set_nodelay(true);
+        let _ = client.set_nodelay(true);
+        tokio::io::copy_bidirectional(client, &mut upstream).await
+    }
+}
