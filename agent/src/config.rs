@@ -113,7 +113,6 @@ pub struct Overrides {
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/llm-egress";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:15001";
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -187,10 +186,20 @@ impl Config {
             ));
         }
         let listen = if listen.is_empty() {
-            let port = advertise_v4.or(advertise_v6).map(|a| a.port()).unwrap_or(15001);
-            let mut l: SocketAddr = DEFAULT_LISTEN.parse().expect("constant address");
-            l.set_port(port);
-            vec![l]
+            // One socket per advertised port; with IPv6 a dual-stack [::]
+            // socket serves both families.
+            let mut ports: Vec<u16> = advertise_v4
+                .iter()
+                .chain(&advertise_v6)
+                .map(|a| a.port())
+                .collect();
+            ports.dedup();
+            let ip: std::net::IpAddr = if advertise_v6.is_some() {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            ports.into_iter().map(|p| SocketAddr::new(ip, p)).collect()
         } else {
             listen
         };
@@ -357,6 +366,19 @@ mode: direct
         )
         .unwrap();
         assert_eq!(cfg.listen, vec!["0.0.0.0:16000".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn listen_is_dual_stack_with_ipv6() {
+        let flags = Overrides {
+            advertise: vec![
+                "10.0.0.1:15001".parse().unwrap(),
+                "[fd00::1]:15001".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        let cfg = Config::resolve(parse("hosts: [a]\nworkloads: {static: /w}\n").unwrap(), flags).unwrap();
+        assert_eq!(cfg.listen, vec!["[::]:15001".parse::<SocketAddr>().unwrap()]);
     }
 
     #[test]

@@ -293,10 +293,6 @@ impl Capture {
         Ok(())
     }
 
-    pub fn targets(&self) -> Vec<SockKey> {
-        self.maps().targets.keys().filter_map(Result::ok).collect()
-    }
-
     /// Sums of the per-CPU counters, in `COUNTER_NAMES` order.
     pub fn counters(&self) -> [u64; COUNTERS_LEN as usize] {
         let maps = self.maps();

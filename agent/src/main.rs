@@ -68,7 +68,7 @@ struct RunArgs {
     /// Directory on a bpffs where maps and links are pinned (default /sys/fs/bpf/llm-egress).
     #[arg(long)]
     bpffs: Option<PathBuf>,
-    /// Address the capture proxy listens on (repeatable; default 0.0.0.0 on the advertised port).
+    /// Address the capture proxy listens on (repeatable; default the advertised port on 0.0.0.0, or on dual-stack [::] when an IPv6 address is advertised).
     #[arg(long = "proxy-listen")]
     proxy_listen: Vec<SocketAddr>,
     /// Proxy address as workloads reach it, e.g. the node IP (repeatable: one IPv4, one IPv6).

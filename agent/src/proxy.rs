@@ -132,7 +132,7 @@ impl Proxy {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
-                peer,
+                peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
                 original_destination: dst,
                 host: host.clone(),
                 namespace: labels.namespace.clone(),

@@ -1,1 +1,9 @@
+//! Support for the end-to-end tests: network namespaces, cgroups, a private
+//! bpffs, processes started inside them, and the topologies the tests use.
+//! Everything a test creates is removed when its handle drops.
 
+pub mod cgroup;
+pub mod env;
+pub mod netns;
+pub mod process;
+pub mod topology;

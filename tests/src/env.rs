@@ -1,0 +1,53 @@
+//! Where the binaries are, and the preconditions of the end-to-end tests.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The end-to-end tests need root (eBPF, namespaces, cgroups). Fails the
+/// test with an explanation instead of silently passing.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests need root (eBPF, network namespaces, cgroups): run `cargo xtask test` as root"
+    );
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The agent binary: `LLM_EGRESS_AGENT_BIN`, or the debug build.
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("LLM_EGRESS_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug/llm-egress-agent"));
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p llm-egress-agent`) or run `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// A short id unique to this process and call, for names of namespaces,
+/// cgroups and mounts (interface names must stay under 16 bytes).
+pub fn unique_id() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{n}", std::process::id() % 0xffff)
+}
+
+/// A binary of this crate (built alongside its integration tests).
+pub fn tests_bin(name: &str) -> PathBuf {
+    let path = target_dir().join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p llm-egress-tests`) or run `cargo xtask test`",
+        path.display()
+    );
+    path
+}

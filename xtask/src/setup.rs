@@ -1,0 +1,160 @@
+//! `cargo xtask setup`: installs the eBPF toolchain (nightly rust-src and a
+//! bpf-linker linked against the nightly's own LLVM) and the Debian packages
+//! the end-to-end tests use. Checks first; installs only what is missing.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context};
+
+use crate::run;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn nightly() -> anyhow::Result<()> {
+    if !ok(Command::new("rustc").args(["+nightly", "--version"])) {
+        println!("setup: installing the nightly toolchain (builds the eBPF programs)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: adding rust-src to the nightly toolchain (-Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must use the same LLVM major as the nightly rustc; link it
+/// against the nightly's own libLLVM (see ENVIRONMENT.md).
+fn bpf_linker() -> anyhow::Result<()> {
+    let cargo_bin = home().join(".cargo/bin");
+    let link = cargo_bin.join("bpf-linker");
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read the nightly's LLVM version")?
+        .to_string();
+    let prefix = home().join(format!(".local/share/llm-egress/bpf-linker-llvm{major}"));
+    let binary = prefix.join("bin/bpf-linker");
+    if binary.exists() && ok(Command::new(&binary).arg("--version")) {
+        if std::fs::read_link(&link).ok().as_ref() != Some(&binary) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&binary, &link).context("linking bpf-linker into ~/.cargo/bin")?;
+        }
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
+    );
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let sys_lib = PathBuf::from(&sysroot).join("lib");
+    let mut found = false;
+    for entry in std::fs::read_dir(&sys_lib)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("libLLVM") && name.contains(".so") {
+            found = true;
+            for target in [lib.join(&name), lib.join("libLLVM.so")] {
+                let _ = std::fs::remove_file(&target);
+                std::os::unix::fs::symlink(entry.path(), &target)?;
+            }
+        }
+    }
+    if !found {
+        bail!("the nightly toolchain at {sysroot} has no libLLVM.so; reinstall it with `rustup toolchain install nightly`");
+    }
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}"), "--root"])
+        .arg(&prefix)
+        .env("LLVM_PREFIX", &prefix))?;
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&binary, &link).context("linking bpf-linker into ~/.cargo/bin")?;
+    Ok(())
+}
+
+/// Commands the end-to-end tests and the demo run, and their Debian packages.
+const TOOLS: [(&str, &str); 4] = [
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("bpftool", "bpftool"),
+    ("nsenter", "util-linux"),
+];
+
+fn have(cmd: &str) -> bool {
+    ok(Command::new("sh").arg("-c").arg(format!("command -v {cmd}")))
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!("missing packages {missing:?}; install them as root (`sudo apt-get install {}`) or run `sudo -E cargo xtask setup`", missing.join(" "));
+    }
+    println!("setup: installing Debian packages {missing:?}");
+    let install = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    if !install(&args) {
+        // A fresh machine's package lists may be stale or absent.
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        if !install(&args) {
+            bail!("apt-get install {} failed", missing.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// `system`: also install the Debian packages the end-to-end tests need.
+pub fn setup(system: bool) -> anyhow::Result<()> {
+    nightly()?;
+    bpf_linker()?;
+    if system {
+        packages()?;
+    }
+    Ok(())
+}
