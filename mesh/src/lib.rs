@@ -1,0 +1,10 @@
+//! What the llm-egress node agent and egress gateway both speak: SPIFFE
+//! workload identity, mTLS configuration with certificate reload, the
+//! HTTP/2 CONNECT tunnel (client and server halves), local certificate
+//! issuance, and the Istio / ASM resources with their validation.
+
+pub mod certs;
+pub mod identity;
+pub mod resources;
+pub mod tls;
+pub mod tunnel;

@@ -1,0 +1,935 @@
+//! The resources llm-egress is configured with, exactly as ASM and Istio
+//! spell them: `LLMProvider` and `LLMRoute` (istio.alibabacloud.com/v1beta1),
+//! `AuthorizationPolicy` and `RequestAuthentication` (security.istio.io),
+//! `Gateway` (networking.istio.io). Loading names the file, the resource and
+//! the field of every problem; unknown kinds are reported and skipped.
+//!
+//! Policy types reject fields they do not implement: silently ignoring a
+//! condition would widen an ALLOW or narrow a DENY.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Meta {
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// A resource with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Named<T> {
+    pub meta: Meta,
+    pub spec: T,
+    pub file: PathBuf,
+}
+
+// ---------- LLMProvider ----------
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmProviderSpec {
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+    pub host: String,
+    #[serde(default = "default_provider_path")]
+    pub path: String,
+    pub configs: ProviderConfigs,
+}
+
+fn default_provider_path() -> String {
+    "/v1/chat/completions".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderConfigs {
+    pub default_config: ProviderConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderConfig {
+    #[serde(rename = "openAIConfig")]
+    pub open_ai_config: OpenAiConfig,
+}
+
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenAiConfig {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Usually `${API_KEY}`: expanded by the gateway, never logged.
+    pub api_key: String,
+}
+
+impl fmt::Debug for OpenAiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiConfig")
+            .field("model", &self.model)
+            .field("stream", &self.stream)
+            .field("api_key", &"<redacted>")
+            .finish()
+    }
+}
+
+// ---------- LLMRoute ----------
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmRouteSpec {
+    pub host: String,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub rules: Vec<LlmRouteRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmRouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+}
+
+/// Istio's StringMatch: exactly one of exact, prefix, regex.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StringMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+impl StringMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        match (&self.exact, &self.prefix) {
+            (Some(e), _) => v == e,
+            (None, Some(p)) => v.starts_with(p.as_str()),
+            (None, None) => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRef {
+    pub provider_host: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+// ---------- AuthorizationPolicy ----------
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub action: Action,
+    /// `None`: no rules at all (an ALLOW then matches nothing).
+    #[serde(default)]
+    pub rules: Option<Vec<PolicyRule>>,
+    #[serde(default)]
+    pub provider: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub target_ref: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRule {
+    #[serde(default)]
+    pub from: Vec<From>,
+    #[serde(default)]
+    pub to: Vec<To>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    pub operation: Operation,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    pub principals: Option<Vec<String>>,
+    pub not_principals: Option<Vec<String>>,
+    pub request_principals: Option<Vec<String>>,
+    pub not_request_principals: Option<Vec<String>>,
+    pub namespaces: Option<Vec<String>>,
+    pub not_namespaces: Option<Vec<String>>,
+    pub ip_blocks: Option<Vec<String>>,
+    pub not_ip_blocks: Option<Vec<String>>,
+    pub remote_ip_blocks: Option<Vec<String>>,
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    pub hosts: Option<Vec<String>>,
+    pub not_hosts: Option<Vec<String>>,
+    pub ports: Option<Vec<String>>,
+    pub not_ports: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub not_methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub not_paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    pub values: Option<Vec<String>>,
+    pub not_values: Option<Vec<String>>,
+}
+
+// ---------- RequestAuthentication ----------
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Inline JWKS document (JSON).
+    #[serde(default)]
+    pub jwks: Option<String>,
+    /// `file://` path to a JWKS document (remote URIs are not fetched yet).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeader {
+    pub name: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+// ---------- Gateway ----------
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayServer {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub port: GatewayPort,
+    #[serde(default)]
+    pub tls: Option<GatewayTls>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub number: u16,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTls {
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+// ---------- loading ----------
+
+/// All resources of one configuration source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResourceSet {
+    pub providers: Vec<Named<LlmProviderSpec>>,
+    pub routes: Vec<Named<LlmRouteSpec>>,
+    pub policies: Vec<Named<AuthorizationPolicySpec>>,
+    pub authentications: Vec<Named<RequestAuthenticationSpec>>,
+    pub gateways: Vec<Named<GatewaySpec>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem found while loading, located as precisely as possible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub severity: Severity,
+    pub file: PathBuf,
+    /// `Kind namespace/name`, when known.
+    pub resource: Option<String>,
+    /// Path of the field, e.g. `spec.rules[0].from[0].source.principals`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{sev}: {}", self.file.display())?;
+        if let Some(r) = &self.resource {
+            write!(f, ": {r}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<serde_yaml_ng::Value>,
+    spec: Option<serde_yaml_ng::Value>,
+}
+
+const KINDS: [(&str, &str); 5] = [
+    ("LLMProvider", "istio.alibabacloud.com/"),
+    ("LLMRoute", "istio.alibabacloud.com/"),
+    ("AuthorizationPolicy", "security.istio.io/"),
+    ("RequestAuthentication", "security.istio.io/"),
+    ("Gateway", "networking.istio.io/"),
+];
+
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_yaml_ng::Value,
+    prefix: &str,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{path}")
+        };
+        (field, e.into_inner().to_string())
+    })
+}
+
+impl ResourceSet {
+    /// Parses a multi-document YAML text into this set; returns problems.
+    pub fn add_text(&mut self, file: &Path, text: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let problem = |severity, resource: Option<String>, field: Option<String>, message: String| Problem {
+            severity,
+            file: file.to_owned(),
+            resource,
+            field,
+            message,
+        };
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let value = match serde_yaml_ng::Value::deserialize(doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(problem(
+                        Severity::Error,
+                        None,
+                        None,
+                        format!("document {}: not valid YAML: {e}", i + 1),
+                    ));
+                    // The rest of the stream cannot be trusted after a syntax error.
+                    break;
+                }
+            };
+            if value.is_null() {
+                continue;
+            }
+            let env: Envelope = match serde_yaml_ng::from_value(value) {
+                Ok(e) => e,
+                Err(e) => {
+                    problems.push(problem(
+                        Severity::Error,
+                        None,
+                        None,
+                        format!("document {}: {e}", i + 1),
+                    ));
+                    continue;
+                }
+            };
+            let Some(kind) = env.kind.clone() else {
+                problems.push(problem(
+                    Severity::Error,
+                    None,
+                    Some("kind".into()),
+                    format!("document {}: missing", i + 1),
+                ));
+                continue;
+            };
+            let meta: Meta = match env.metadata.map(|m| typed::<Meta>(m, "metadata")) {
+                Some(Ok(m)) => m,
+                Some(Err((field, msg))) => {
+                    problems.push(problem(Severity::Error, Some(kind.clone()), Some(field), msg));
+                    continue;
+                }
+                None => {
+                    problems.push(problem(
+                        Severity::Error,
+                        Some(kind.clone()),
+                        Some("metadata.name".into()),
+                        "missing".into(),
+                    ));
+                    continue;
+                }
+            };
+            let rname = format!("{kind} {}/{}", meta.namespace(), meta.name);
+            let Some((_, group)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+                problems.push(problem(
+                    Severity::Warning,
+                    Some(rname),
+                    Some("kind".into()),
+                    format!("unknown kind {kind:?}; skipped"),
+                ));
+                continue;
+            };
+            let api = env.api_version.unwrap_or_default();
+            if !api.starts_with(group) {
+                problems.push(problem(
+                    Severity::Error,
+                    Some(rname),
+                    Some("apiVersion".into()),
+                    format!("{api:?} is not a version of {kind}; expected {group}v1beta1"),
+                ));
+                continue;
+            }
+            let Some(spec) = env.spec else {
+                problems.push(problem(
+                    Severity::Error,
+                    Some(rname),
+                    Some("spec".into()),
+                    "missing".into(),
+                ));
+                continue;
+            };
+            let file = file.to_owned();
+            let res = match kind.as_str() {
+                "LLMProvider" => {
+                    typed(spec, "spec").map(|spec| self.providers.push(Named { meta, spec, file }))
+                }
+                "LLMRoute" => typed(spec, "spec").map(|spec| self.routes.push(Named { meta, spec, file })),
+                "AuthorizationPolicy" => {
+                    typed(spec, "spec").map(|spec| self.policies.push(Named { meta, spec, file }))
+                }
+                "RequestAuthentication" => {
+                    typed(spec, "spec").map(|spec| self.authentications.push(Named { meta, spec, file }))
+                }
+                _ => typed(spec, "spec").map(|spec| self.gateways.push(Named { meta, spec, file })),
+            };
+            if let Err((field, msg)) = res {
+                problems.push(problem(Severity::Error, Some(rname), Some(field), msg));
+            }
+        }
+        problems
+    }
+
+    /// Loads every `*.yaml` / `*.yml` file of `dir` (sorted, not recursive).
+    pub fn load_dir(dir: &Path) -> Result<(ResourceSet, Vec<Problem>), std::io::Error> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        let mut set = ResourceSet::default();
+        let mut problems = Vec::new();
+        for f in files {
+            match std::fs::read_to_string(&f) {
+                Ok(text) => problems.extend(set.add_text(&f, &text)),
+                Err(e) => problems.push(Problem {
+                    severity: Severity::Error,
+                    file: f,
+                    resource: None,
+                    field: None,
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        problems.extend(set.validate());
+        Ok((set, problems))
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut err = |file: &Path, kind: &str, meta: &Meta, field: String, message: String| {
+            out.push(Problem {
+                severity: Severity::Error,
+                file: file.to_owned(),
+                resource: Some(format!("{kind} {}/{}", meta.namespace(), meta.name)),
+                field: Some(field),
+                message,
+            })
+        };
+        for p in &self.providers {
+            if p.spec.host.trim().is_empty() {
+                err(
+                    &p.file,
+                    "LLMProvider",
+                    &p.meta,
+                    "spec.host".into(),
+                    "must not be empty".into(),
+                );
+            }
+            if !p.spec.path.starts_with('/') {
+                err(
+                    &p.file,
+                    "LLMProvider",
+                    &p.meta,
+                    "spec.path".into(),
+                    format!("{:?} must start with '/'", p.spec.path),
+                );
+            }
+            if p.spec
+                .configs
+                .default_config
+                .open_ai_config
+                .api_key
+                .trim()
+                .is_empty()
+            {
+                err(
+                    &p.file,
+                    "LLMProvider",
+                    &p.meta,
+                    "spec.configs.defaultConfig.openAIConfig.apiKey".into(),
+                    "must not be empty".into(),
+                );
+            }
+        }
+        for r in &self.routes {
+            if r.spec.host.trim().is_empty() {
+                err(
+                    &r.file,
+                    "LLMRoute",
+                    &r.meta,
+                    "spec.host".into(),
+                    "must not be empty".into(),
+                );
+            }
+            if r.spec.rules.is_empty() {
+                err(
+                    &r.file,
+                    "LLMRoute",
+                    &r.meta,
+                    "spec.rules".into(),
+                    "needs at least one rule".into(),
+                );
+            }
+            for (i, rule) in r.spec.rules.iter().enumerate() {
+                if rule.backend_refs.is_empty() {
+                    err(
+                        &r.file,
+                        "LLMRoute",
+                        &r.meta,
+                        format!("spec.rules[{i}].backendRefs"),
+                        "needs at least one backend".into(),
+                    );
+                }
+                for (j, b) in rule.backend_refs.iter().enumerate() {
+                    if b.provider_host.trim().is_empty() {
+                        err(
+                            &r.file,
+                            "LLMRoute",
+                            &r.meta,
+                            format!("spec.rules[{i}].backendRefs[{j}].providerHost"),
+                            "must not be empty".into(),
+                        );
+                    }
+                }
+                for (j, m) in rule.matches.iter().enumerate() {
+                    for (h, sm) in &m.headers {
+                        if sm.exact.is_none() && sm.prefix.is_none() {
+                            err(
+                                &r.file,
+                                "LLMRoute",
+                                &r.meta,
+                                format!("spec.rules[{i}].matches[{j}].headers.{h}"),
+                                "needs exact or prefix".into(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for p in &self.policies {
+            let s = &p.spec;
+            if s.action == Action::Custom || s.provider.is_some() {
+                err(&p.file, "AuthorizationPolicy", &p.meta, "spec.action".into(), "CUSTOM (external authorization) is not supported yet; remove the policy or use ALLOW/DENY".into());
+            }
+            if s.target_ref.is_some() {
+                err(
+                    &p.file,
+                    "AuthorizationPolicy",
+                    &p.meta,
+                    "spec.targetRef".into(),
+                    "not supported; use spec.selector".into(),
+                );
+            }
+            for (i, rule) in s.rules.iter().flatten().enumerate() {
+                for (j, f) in rule.from.iter().enumerate() {
+                    let src = &f.source;
+                    for (name, v) in [
+                        ("ipBlocks", &src.ip_blocks),
+                        ("notIpBlocks", &src.not_ip_blocks),
+                        ("remoteIpBlocks", &src.remote_ip_blocks),
+                        ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+                    ] {
+                        if v.is_some() {
+                            err(&p.file, "AuthorizationPolicy", &p.meta, format!("spec.rules[{i}].from[{j}].source.{name}"), "not supported: the gateway matches on workload identity, not source addresses".into());
+                        }
+                    }
+                }
+                for (j, c) in rule.when.iter().enumerate() {
+                    if !crate::resources::condition_key_supported(&c.key) {
+                        err(
+                            &p.file,
+                            "AuthorizationPolicy",
+                            &p.meta,
+                            format!("spec.rules[{i}].when[{j}].key"),
+                            format!("{:?} is not a supported condition key", c.key),
+                        );
+                    }
+                    if c.values.is_none() && c.not_values.is_none() {
+                        err(
+                            &p.file,
+                            "AuthorizationPolicy",
+                            &p.meta,
+                            format!("spec.rules[{i}].when[{j}]"),
+                            "needs values or notValues".into(),
+                        );
+                    }
+                }
+                for (j, t) in rule.to.iter().enumerate() {
+                    for (name, v) in [
+                        ("ports", &t.operation.ports),
+                        ("notPorts", &t.operation.not_ports),
+                    ] {
+                        for port in v.iter().flatten() {
+                            if port.parse::<u16>().is_err() {
+                                err(
+                                    &p.file,
+                                    "AuthorizationPolicy",
+                                    &p.meta,
+                                    format!("spec.rules[{i}].to[{j}].operation.{name}"),
+                                    format!("{port:?} is not a port number"),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for a in &self.authentications {
+            for (i, r) in a.spec.jwt_rules.iter().enumerate() {
+                if r.issuer.trim().is_empty() {
+                    err(
+                        &a.file,
+                        "RequestAuthentication",
+                        &a.meta,
+                        format!("spec.jwtRules[{i}].issuer"),
+                        "must not be empty".into(),
+                    );
+                }
+                match (&r.jwks, &r.jwks_uri) {
+                    (None, None) => err(
+                        &a.file,
+                        "RequestAuthentication",
+                        &a.meta,
+                        format!("spec.jwtRules[{i}].jwks"),
+                        "give jwks (inline) or jwksUri (file://)".into(),
+                    ),
+                    (None, Some(uri)) if !uri.starts_with("file://") => err(
+                        &a.file,
+                        "RequestAuthentication",
+                        &a.meta,
+                        format!("spec.jwtRules[{i}].jwksUri"),
+                        "only file:// URIs are supported; inline the keys with jwks".into(),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        for g in &self.gateways {
+            if g.spec.servers.is_empty() {
+                err(
+                    &g.file,
+                    "Gateway",
+                    &g.meta,
+                    "spec.servers".into(),
+                    "needs at least one server".into(),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Condition keys of `when` that the gateway evaluates.
+pub fn condition_key_supported(key: &str) -> bool {
+    let bracketed = |prefix: &str| {
+        key.strip_prefix(prefix)
+            .is_some_and(|r| r.ends_with(']') && r.len() > 1)
+    };
+    matches!(
+        key,
+        "source.principal"
+            | "source.namespace"
+            | "request.auth.principal"
+            | "request.auth.audiences"
+            | "request.auth.presenter"
+            | "destination.port"
+    ) || bracketed("request.headers[")
+        || bracketed("request.auth.claims[")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+
+    #[test]
+    fn the_seed_manifests_load_unchanged() {
+        let (set, problems) = ResourceSet::load_dir(Path::new(SEEDS)).unwrap();
+        assert!(problems.is_empty(), "{problems:#?}");
+        let gw = &set.gateways[0];
+        assert_eq!(
+            (gw.meta.namespace(), gw.meta.name.as_str()),
+            ("istio-system", "egress-gw")
+        );
+        assert_eq!(gw.spec.selector["istio"], "egressgateway");
+        assert_eq!(gw.spec.servers[0].port.number, 80);
+        assert_eq!(
+            gw.spec.servers[0].tls.as_ref().unwrap().mode.as_deref(),
+            Some("ISTIO_MUTUAL")
+        );
+
+        let p = &set.providers[0];
+        assert_eq!(p.spec.host, "dashscope.aliyuncs.com");
+        assert_eq!(p.spec.path, "/compatible-mode/v1/chat/completions");
+        let oai = &p.spec.configs.default_config.open_ai_config;
+        assert_eq!(oai.model.as_deref(), Some("qwen1.5-72b-chat"));
+        assert_eq!(oai.stream, Some(false));
+        assert_eq!(oai.api_key, "${API_KEY}");
+        assert_eq!(
+            p.spec.workload_selector.as_ref().unwrap().labels["istio"],
+            "egressgateway"
+        );
+
+        let r = &set.routes[0];
+        assert_eq!(r.spec.host, "dashscope.aliyuncs.com");
+        assert_eq!(r.spec.gateways, ["mesh", "istio-system/egress-gw"]);
+        assert_eq!(r.spec.rules[0].matches[0].gateways, ["mesh"]);
+        assert_eq!(
+            r.spec.rules[0].backend_refs[0].provider_host,
+            "istio-egressgateway.istio-system.svc.cluster.local"
+        );
+        assert_eq!(
+            r.spec.rules[1].backend_refs[0].provider_host,
+            "dashscope.aliyuncs.com"
+        );
+
+        let a = &set.policies[0];
+        assert_eq!(a.spec.action, Action::Deny);
+        let rule = &a.spec.rules.as_ref().unwrap()[0];
+        assert_eq!(
+            rule.from[0].source.principals.as_deref(),
+            Some(&["cluster.local/ns/default/sa/sleep".to_string()][..])
+        );
+        assert_eq!(
+            rule.to[0].operation.hosts.as_deref(),
+            Some(&["dashscope.aliyuncs.com".to_string()][..])
+        );
+    }
+
+    fn load(text: &str) -> (ResourceSet, Vec<Problem>) {
+        let mut set = ResourceSet::default();
+        let mut problems = set.add_text(Path::new("bad.yaml"), text);
+        problems.extend(set.validate());
+        (set, problems)
+    }
+
+    #[test]
+    fn missing_required_field_is_named_with_resource() {
+        let (_, problems) = load("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: r}\nspec:\n  rules: []\n");
+        let p = &problems[0];
+        assert_eq!(p.severity, Severity::Error);
+        assert_eq!(p.resource.as_deref(), Some("LLMRoute default/r"));
+        assert!(p.message.contains("host"), "{p}");
+        assert!(
+            p.to_string().starts_with("error: bad.yaml: LLMRoute default/r"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn unknown_policy_field_is_an_error_with_path() {
+        let (_, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  rules:\n  - from:\n    - source:\n        principalz: [a]\n");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(
+            problems[0].field.as_deref(),
+            Some("spec.rules[0].from[0].source.principalz")
+        );
+        assert!(problems[0].message.contains("principalz"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn unknown_action_is_rejected() {
+        let (_, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: BLOCK\n");
+        assert_eq!(problems[0].field.as_deref(), Some("spec.action"), "{problems:#?}");
+    }
+
+    #[test]
+    fn custom_action_and_ip_blocks_are_refused_not_ignored() {
+        let (_, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: CUSTOM\n  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/8]}\n    when:\n    - key: source.ip\n      values: [x]\n");
+        let fields: Vec<_> = problems.iter().filter_map(|p| p.field.clone()).collect();
+        assert!(fields.contains(&"spec.action".to_string()), "{fields:?}");
+        assert!(
+            fields.contains(&"spec.rules[0].from[0].source.ipBlocks".to_string()),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&"spec.rules[0].when[0].key".to_string()),
+            "{fields:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_a_warning_and_skipped() {
+        let (set, problems) = load("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {}\n---\napiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: g}\nspec:\n  servers: [{port: {number: 80}}]\n");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].severity, Severity::Warning);
+        assert_eq!(set.gateways.len(), 1);
+    }
+
+    #[test]
+    fn wrong_api_group_and_bad_yaml_are_reported() {
+        let (_, problems) = load("apiVersion: v1\nkind: LLMRoute\nmetadata: {name: r}\nspec: {}\n");
+        assert_eq!(problems[0].field.as_deref(), Some("apiVersion"));
+        let (_, problems) = load("kind: [unclosed\n");
+        assert!(problems[0].message.contains("not valid YAML"), "{problems:?}");
+    }
+
+    #[test]
+    fn empty_route_fields_are_reported() {
+        let (_, problems) = load("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: r}\nspec:\n  host: ''\n  rules:\n  - backendRefs: []\n");
+        let fields: Vec<_> = problems.iter().filter_map(|p| p.field.clone()).collect();
+        assert!(fields.contains(&"spec.host".to_string()), "{fields:?}");
+        assert!(
+            fields.contains(&"spec.rules[0].backendRefs".to_string()),
+            "{fields:?}"
+        );
+    }
+
+    #[test]
+    fn api_key_is_redacted_in_debug() {
+        let c = OpenAiConfig {
+            model: None,
+            stream: None,
+            api_key: "sk-secret-value".into(),
+        };
+        assert!(!format!("{c:?}").contains("sk-secret"));
+    }
+}

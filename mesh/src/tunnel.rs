@@ -1,0 +1,381 @@
+//! The agent → gateway tunnel, HBONE-style: one long-lived HTTP/2
+//! connection over mTLS; each captured TCP connection is one CONNECT stream
+//! whose `:authority` is the original destination, tagged with the
+//! workload's identity in `x-llm-egress-*` headers. Bytes then flow
+//! unchanged both ways.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{
+    client::conn::http2::SendRequest,
+    header::{HeaderMap, HeaderValue},
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::identity::SpiffeId;
+
+pub const HEADER_WORKLOAD: &str = "x-llm-egress-workload";
+pub const HEADER_NAMESPACE: &str = "x-llm-egress-namespace";
+pub const HEADER_SERVICE_ACCOUNT: &str = "x-llm-egress-service-account";
+pub const HEADER_POD: &str = "x-llm-egress-pod";
+pub const HEADER_NODE: &str = "x-llm-egress-node";
+
+/// A tunnelled byte stream.
+pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("identity header {0} is not valid: {1}")]
+    BadHeader(&'static str, String),
+    #[error("cannot reach the gateway at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS with the gateway at {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with the gateway failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the gateway refused the tunnel: {0}")]
+    Refused(StatusCode),
+    #[error("invalid tunnel request: {0}")]
+    Request(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Who a tunnelled connection belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadIdentity {
+    pub spiffe: SpiffeId,
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: Option<String>,
+    pub node: Option<String>,
+}
+
+fn header_safe(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl WorkloadIdentity {
+    pub fn principal(&self) -> String {
+        self.spiffe.principal()
+    }
+
+    pub fn write_headers(&self, headers: &mut HeaderMap) -> Result<(), TunnelError> {
+        let mut put = |name: &'static str, v: &str| -> Result<(), TunnelError> {
+            let value = HeaderValue::from_str(v).map_err(|_| TunnelError::BadHeader(name, v.into()))?;
+            headers.insert(name, value);
+            Ok(())
+        };
+        put(HEADER_WORKLOAD, &self.spiffe.to_string())?;
+        put(HEADER_NAMESPACE, &self.namespace)?;
+        put(HEADER_SERVICE_ACCOUNT, &self.service_account)?;
+        if let Some(p) = &self.pod {
+            put(HEADER_POD, p)?;
+        }
+        if let Some(n) = &self.node {
+            put(HEADER_NODE, n)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the identity headers; `None` when there are none. The caller
+    /// decides whether the peer is allowed to assert them.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<WorkloadIdentity>, TunnelError> {
+        let get = |name: &'static str| -> Result<Option<String>, TunnelError> {
+            match headers.get(name) {
+                None => Ok(None),
+                Some(v) => {
+                    let s = v
+                        .to_str()
+                        .map_err(|_| TunnelError::BadHeader(name, "not ASCII".into()))?;
+                    Ok(Some(s.to_string()))
+                }
+            }
+        };
+        let Some(workload) = get(HEADER_WORKLOAD)? else {
+            return Ok(None);
+        };
+        let spiffe =
+            SpiffeId::parse(&workload).map_err(|e| TunnelError::BadHeader(HEADER_WORKLOAD, e.to_string()))?;
+        let namespace = spiffe.namespace().map(str::to_string);
+        let sa = spiffe.service_account().map(str::to_string);
+        let (Some(namespace), Some(service_account)) = (namespace, sa) else {
+            return Err(TunnelError::BadHeader(
+                HEADER_WORKLOAD,
+                "not a workload identity (…/ns/<ns>/sa/<sa>)".into(),
+            ));
+        };
+        // The separate headers must agree with the SPIFFE ID.
+        for (name, expect) in [
+            (HEADER_NAMESPACE, &namespace),
+            (HEADER_SERVICE_ACCOUNT, &service_account),
+        ] {
+            if let Some(v) = get(name)? {
+                if &v != expect {
+                    return Err(TunnelError::BadHeader(
+                        name,
+                        format!("{v:?} contradicts {workload}"),
+                    ));
+                }
+            }
+        }
+        let pod = get(HEADER_POD)?;
+        let node = get(HEADER_NODE)?;
+        for (name, v) in [(HEADER_POD, &pod), (HEADER_NODE, &node)] {
+            if let Some(v) = v {
+                if !header_safe(v) {
+                    return Err(TunnelError::BadHeader(name, v.clone()));
+                }
+            }
+        }
+        Ok(Some(WorkloadIdentity {
+            spiffe,
+            namespace,
+            service_account,
+            pod,
+            node,
+        }))
+    }
+}
+
+/// One CONNECT stream as the server sees it.
+#[derive(Debug)]
+pub struct ConnectRequest {
+    /// The original destination, `host:port`.
+    pub authority: String,
+    pub headers: HeaderMap,
+}
+
+/// Serves one tunnel connection: every CONNECT stream is answered `200` and
+/// handed to `handler` with its byte stream. Other methods get `405`.
+pub async fn serve<IO, H, F>(io: IO, handler: H) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(ConnectRequest, TunnelStream) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let handler = handler.clone();
+        async move {
+            if req.method() != Method::CONNECT {
+                let mut resp = Response::new(Empty::<Bytes>::new());
+                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                return Ok::<_, std::convert::Infallible>(resp);
+            }
+            let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
+                let mut resp = Response::new(Empty::<Bytes>::new());
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                return Ok(resp);
+            };
+            let connect = ConnectRequest {
+                authority,
+                headers: std::mem::take(req.headers_mut()),
+            };
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(upgraded) => handler(connect, TokioIo::new(upgraded)).await,
+                    Err(e) => tracing::debug!(error = %e, "tunnel stream upgrade failed"),
+                }
+            });
+            Ok(Response::new(Empty::<Bytes>::new()))
+        }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .serve_connection(TokioIo::new(io), service)
+        .await
+}
+
+/// The client half: one HTTP/2 connection to one gateway, reopened when it
+/// breaks. Streams are multiplexed on it.
+pub struct TunnelClient {
+    addr: SocketAddr,
+    server_name: rustls::pki_types::ServerName<'static>,
+    tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
+    connect_timeout: Duration,
+    sender: tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>,
+}
+
+impl TunnelClient {
+    /// `tls` returns the current client config (so certificate reloads apply
+    /// to the next connection).
+    pub fn new(
+        addr: SocketAddr,
+        server_name: &str,
+        tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
+    ) -> Result<TunnelClient, TunnelError> {
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| TunnelError::Request(format!("gateway name {server_name:?}: {e}")))?;
+        Ok(TunnelClient {
+            addr,
+            server_name,
+            tls,
+            connect_timeout: Duration::from_secs(5),
+            sender: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn dial(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let addr = self.addr;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| TunnelError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from((self.tls)());
+        let tls = connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| TunnelError::Tls { addr, source })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .handshake(TokioIo::new(tls))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "tunnel connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let mut slot = self.sender.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = tokio::time::timeout(self.connect_timeout, self.dial())
+            .await
+            .map_err(|_| TunnelError::Timeout(self.connect_timeout))??;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Opens a stream to `authority` (`ip:port` or `host:port`) on behalf of `who`.
+    pub async fn connect(
+        &self,
+        authority: &str,
+        who: &WorkloadIdentity,
+    ) -> Result<TunnelStream, TunnelError> {
+        let mut sender = self.sender().await?;
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| TunnelError::Request(e.to_string()))?;
+        who.write_headers(req.headers_mut())?;
+        sender.ready().await?;
+        let mut resp = sender.send_request(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(TunnelError::Refused(resp.status()));
+        }
+        let upgraded = hyper::upgrade::on(&mut resp).await?;
+        Ok(TokioIo::new(upgraded))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who() -> WorkloadIdentity {
+        WorkloadIdentity {
+            spiffe: SpiffeId::workload("cluster.local", "default", "sleep"),
+            namespace: "default".into(),
+            service_account: "sleep".into(),
+            pod: Some("sleep-7d9f".into()),
+            node: Some("node-1".into()),
+        }
+    }
+
+    #[test]
+    fn identity_round_trips_through_headers() {
+        let mut h = HeaderMap::new();
+        who().write_headers(&mut h).unwrap();
+        assert_eq!(h[HEADER_WORKLOAD], "spiffe://cluster.local/ns/default/sa/sleep");
+        assert_eq!(WorkloadIdentity::from_headers(&h).unwrap(), Some(who()));
+    }
+
+    #[test]
+    fn no_headers_is_no_identity() {
+        assert_eq!(WorkloadIdentity::from_headers(&HeaderMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn contradicting_headers_are_rejected() {
+        let mut h = HeaderMap::new();
+        who().write_headers(&mut h).unwrap();
+        h.insert(HEADER_NAMESPACE, HeaderValue::from_static("kube-system"));
+        assert!(WorkloadIdentity::from_headers(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(
+            HEADER_WORKLOAD,
+            HeaderValue::from_static("spiffe://cluster.local/gateway"),
+        );
+        assert!(WorkloadIdentity::from_headers(&h).is_err());
+    }
+
+    #[tokio::test]
+    async fn connect_streams_carry_bytes_and_identity() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(serve(
+            server_io,
+            move |req: ConnectRequest, mut stream: TunnelStream| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    let who = WorkloadIdentity::from_headers(&req.headers).unwrap();
+                    let _ = seen_tx.send((req.authority.clone(), who));
+                    let mut buf = [0u8; 5];
+                    stream.read_exact(&mut buf).await.unwrap();
+                    stream.write_all(&buf.to_ascii_uppercase()).await.unwrap();
+                    stream.shutdown().await.unwrap();
+                }
+            },
+        ));
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("203.0.113.10:80")
+            .body(Empty::new())
+            .unwrap();
+        who().write_headers(req.headers_mut()).unwrap();
+        let mut resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut stream = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+        stream.write_all(b"hello").await.unwrap();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"HELLO");
+        let (authority, seen) = seen_rx.recv().await.unwrap();
+        assert_eq!(authority, "203.0.113.10:80");
+        assert_eq!(seen, Some(who()));
+    }
+}
