@@ -1,1 +1,349 @@
-fn main() {}
+//! llm-egress egress gateway: the only holder of provider keys. Serves node
+//! agents' tunnels and workloads' mTLS requests, enforces policy per
+//! workload identity, adapts requests to providers and streams answers back.
+
+mod admin;
+mod authz;
+mod config;
+mod jwt;
+mod listener;
+mod metrics;
+mod passthrough;
+mod pipeline;
+mod provider;
+mod route;
+mod secrets;
+mod sniff;
+mod upstream;
+mod usage;
+
+use std::{
+    collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use llm_egress_mesh::{
+    certs,
+    identity::SpiffeId,
+    tls::{self, Reloading, TlsFiles},
+};
+
+use crate::{config::GatewayIdentity, metrics::ResultLabels};
+
+#[derive(Parser)]
+#[command(
+    name = "llm-egress-gateway",
+    version,
+    about = "llm-egress egress gateway: keys, policy and provider adaptation for LLM traffic"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "LLM_EGRESS_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run(RunArgs),
+    /// Check a configuration directory: print every problem, exit 1 if any is an error.
+    Validate(ValidateArgs),
+    /// Create a local CA and SPIFFE certificates for a gateway, an agent and workloads.
+    Certs(CertArgs),
+}
+
+#[derive(Args, Clone)]
+struct IdentityArgs {
+    /// Namespace the gateway runs in (policy and provider scoping).
+    #[arg(long, default_value = "istio-system")]
+    namespace: String,
+    /// Label of the gateway, KEY=VALUE, matched by selectors (repeatable).
+    #[arg(long = "label", default_value = "istio=egressgateway", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Istio root namespace: its policies apply to every gateway.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Directory of YAML resources (LLMProvider, LLMRoute, AuthorizationPolicy, RequestAuthentication, Gateway); reloaded on change.
+    #[arg(long)]
+    config: PathBuf,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    /// The gateway's certificate (PEM), with its SPIFFE ID and DNS names.
+    #[arg(long)]
+    tls_cert: PathBuf,
+    /// The gateway's private key (PEM).
+    #[arg(long)]
+    tls_key: PathBuf,
+    /// CA certificates that agents' and workloads' certificates chain to (PEM).
+    #[arg(long)]
+    trust_bundle: PathBuf,
+    /// SPIFFE ID of node agents whose identity headers are believed (repeatable).
+    #[arg(
+        long = "agent-identity",
+        default_value = "spiffe://cluster.local/ns/llm-egress/sa/llm-egress-agent"
+    )]
+    agent_identities: Vec<String>,
+    /// Tunnel entry for node agents (HTTP/2 CONNECT over mTLS).
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    tunnel_listen: SocketAddr,
+    /// Direct mTLS entry for workloads with their own SPIFFE certificate (off when not given).
+    #[arg(long)]
+    direct_listen: Option<SocketAddr>,
+    /// Admin endpoint (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin: SocketAddr,
+    /// Extra CA for provider certificates, added to the system roots (PEM).
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
+    /// Resolve a provider host to an address, HOST=IP, like curl --resolve (repeatable).
+    #[arg(long = "resolve", value_parser = upstream::parse_override)]
+    resolve: Vec<(String, std::net::IpAddr)>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_request_body: usize,
+    /// Seconds to wait for a provider's response headers.
+    #[arg(long, default_value_t = 120)]
+    upstream_timeout: u64,
+}
+
+#[derive(Args)]
+struct ValidateArgs {
+    /// Directory of YAML resources.
+    dir: PathBuf,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+#[derive(Args)]
+struct CertArgs {
+    /// Directory to write ca.pem, gateway.pem, agent.pem, workload-*.pem (and keys) into.
+    #[arg(long)]
+    out: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// DNS name in the gateway certificate (repeatable).
+    #[arg(long = "gateway-dns", default_values_t = ["istio-egressgateway.istio-system.svc.cluster.local".to_string(), "localhost".to_string()])]
+    gateway_dns: Vec<String>,
+    /// Workload certificates to issue, NAMESPACE/SERVICEACCOUNT (repeatable).
+    #[arg(long = "workload", default_value = "default/sleep")]
+    workloads: Vec<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn identity(args: &IdentityArgs) -> GatewayIdentity {
+    GatewayIdentity {
+        namespace: args.namespace.clone(),
+        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        root_namespace: args.root_namespace.clone(),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Validate(args) => return validate(args),
+        Command::Certs(args) => make_certs(args),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn validate(args: ValidateArgs) -> ExitCode {
+    match config::load(&args.dir, &identity(&args.identity)) {
+        Ok((compiled, _)) => {
+            for w in &compiled.warnings {
+                println!("{w}");
+            }
+            println!(
+                "ok: {} gateway(s) select this gateway, {} route(s), {} provider(s), {} policy(ies), {} authentication(s)",
+                compiled.gateway_names.len(),
+                compiled.routes.len(),
+                compiled.providers.len(),
+                compiled.policies.len(),
+                compiled.authentications.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn make_certs(args: CertArgs) -> anyhow::Result<()> {
+    let ca = certs::create_ca(&args.trust_domain)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::write(args.out.join("ca.pem"), &ca.cert)?;
+    certs::write(&args.out, "ca", &ca)?;
+    let gw_id = SpiffeId::workload(
+        &args.trust_domain,
+        "istio-system",
+        "istio-egressgateway-service-account",
+    );
+    certs::write(
+        &args.out,
+        "gateway",
+        &certs::issue(&ca, &gw_id, &args.gateway_dns)?,
+    )?;
+    let agent_id = SpiffeId::workload(&args.trust_domain, "llm-egress", "llm-egress-agent");
+    certs::write(&args.out, "agent", &certs::issue(&ca, &agent_id, &[])?)?;
+    println!("CA:      {}", args.out.join("ca.pem").display());
+    println!("gateway: {gw_id} ({})", args.gateway_dns.join(", "));
+    println!("agent:   {agent_id}");
+    for w in &args.workloads {
+        let (ns, sa) = w
+            .split_once('/')
+            .with_context(|| format!("workload {w:?}: expected NAMESPACE/SERVICEACCOUNT"))?;
+        let id = SpiffeId::workload(&args.trust_domain, ns, sa);
+        certs::write(
+            &args.out,
+            &format!("workload-{ns}-{sa}"),
+            &certs::issue(&ca, &id, &[])?,
+        )?;
+        println!("workload: {id}");
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let me = identity(&args.identity);
+    let source = config::ConfigSource::new(args.config.clone(), me).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        anyhow::anyhow!(
+            "the configuration in {} is not valid:\n  {}",
+            args.config.display(),
+            list.join("\n  ")
+        )
+    })?;
+    let agents: Vec<SpiffeId> = args
+        .agent_identities
+        .iter()
+        .map(|a| SpiffeId::parse(a).with_context(|| format!("--agent-identity {a}")))
+        .collect::<Result<_, _>>()?;
+    let files = TlsFiles {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        ca: args.trust_bundle.clone(),
+    };
+    let tunnel_tls =
+        Reloading::new(files.clone(), |f| tls::server_config(f, &[tls::ALPN_H2])).context("gateway TLS")?;
+    tunnel_tls.watch(Duration::from_secs(2));
+    let direct_tls = Reloading::new(files, |f| {
+        tls::server_config(f, &[tls::ALPN_H2, tls::ALPN_HTTP11])
+    })
+    .context("gateway TLS")?;
+    direct_tls.watch(Duration::from_secs(2));
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let upstream_tls = upstream::client_tls(args.upstream_ca.as_deref())?;
+    let resolver = upstream::Resolver::new(args.resolve.into_iter().collect());
+    let gw = Arc::new(pipeline::Gateway {
+        config: source.clone(),
+        upstream: upstream::Upstream::new(upstream_tls, resolver, Duration::from_secs(args.upstream_timeout)),
+        metrics: metrics.clone(),
+        max_body: args.max_request_body,
+    });
+    let m = metrics.clone();
+    source.watch(Duration::from_secs(1), move |ok| {
+        m.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    });
+
+    let tunnel = tokio::net::TcpListener::bind(args.tunnel_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (tunnel entry)", args.tunnel_listen))?;
+    tracing::info!(listen = %args.tunnel_listen, "tunnel entry listening (HTTP/2 CONNECT over mTLS)");
+    tokio::spawn(listener::serve_tunnel(
+        gw.clone(),
+        tunnel_tls,
+        Arc::new(agents),
+        tunnel,
+    ));
+    if let Some(addr) = args.direct_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (direct entry)"))?;
+        tracing::info!(listen = %addr, "direct entry listening (HTTP over mTLS)");
+        tokio::spawn(listener::serve_direct(gw.clone(), direct_tls, l));
+    }
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin))?;
+    tracing::info!(admin = %args.admin, "admin endpoint listening");
+    let cfg = source.current();
+    tracing::info!(gateways = ?cfg.gateway_names, routes = cfg.routes.len(), providers = cfg.providers.len(), policies = cfg.policies.len(), "configuration loaded");
+    tokio::select! {
+        r = axum::serve(admin, admin::router(gw)) => r.context("admin endpoint failed")?,
+        _ = shutdown() => tracing::info!("shutting down"),
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

@@ -1,0 +1,348 @@
+//! The gateway's configuration: the resources of a directory, compiled for
+//! this gateway (its namespace and labels), swapped in atomically on change.
+//! An invalid change keeps the last good configuration and is reported.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use llm_egress_mesh::resources::{
+    AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
+    ResourceSet, Severity,
+};
+
+use crate::secrets::{self, Secret};
+
+/// Who this gateway is, for selectors and policy scoping.
+#[derive(Debug, Clone)]
+pub struct GatewayIdentity {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// Istio's root namespace: its policies apply to every workload.
+    pub root_namespace: String,
+}
+
+/// A provider with its key resolved.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub host: String,
+    pub path: String,
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    pub key: Secret,
+}
+
+/// Everything a request needs, derived from one consistent resource set.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    /// `namespace/name` of the Gateway resources that select this gateway.
+    pub gateway_names: Vec<String>,
+    pub routes: Vec<Named<LlmRouteSpec>>,
+    /// By provider host.
+    pub providers: BTreeMap<String, Provider>,
+    /// Policies that apply to this gateway, in file order.
+    pub policies: Vec<Named<AuthorizationPolicySpec>>,
+    pub authentications: Vec<Named<RequestAuthenticationSpec>>,
+    /// Warnings kept for `/readyz` and `validate`.
+    pub warnings: Vec<Problem>,
+}
+
+fn selects(selector: Option<&BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
+    selector.is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// Compiles a resource set for `me`; errors mean the set must not be used.
+pub fn compile(
+    set: ResourceSet,
+    mut problems: Vec<Problem>,
+    me: &GatewayIdentity,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Compiled, Vec<Problem>> {
+    let scoped = |ns: &str| ns == me.namespace || ns == me.root_namespace;
+    let mut compiled = Compiled::default();
+    for g in &set.gateways {
+        if !g.spec.selector.is_empty() && selects(Some(&g.spec.selector), &me.labels) {
+            compiled
+                .gateway_names
+                .push(format!("{}/{}", g.meta.namespace(), g.meta.name));
+        }
+    }
+    for p in set.providers {
+        if !selects(p.spec.workload_selector.as_ref().map(|s| &s.labels), &me.labels) {
+            continue;
+        }
+        let cfg = &p.spec.configs.default_config.open_ai_config;
+        match secrets::resolve(&cfg.api_key, &env) {
+            Ok(key) => {
+                let LlmProviderSpec { host, path, .. } = p.spec.clone();
+                compiled.providers.insert(
+                    host.to_ascii_lowercase(),
+                    Provider {
+                        name: format!("{}/{}", p.meta.namespace(), p.meta.name),
+                        host,
+                        path,
+                        model: cfg.model.clone(),
+                        stream: cfg.stream,
+                        key,
+                    },
+                );
+            }
+            Err(e) => problems.push(Problem {
+                severity: Severity::Error,
+                file: p.file.clone(),
+                resource: Some(format!("LLMProvider {}/{}", p.meta.namespace(), p.meta.name)),
+                field: Some("spec.configs.defaultConfig.openAIConfig.apiKey".into()),
+                message: e.to_string(),
+            }),
+        }
+    }
+    compiled.routes = set.routes;
+    compiled.policies = set
+        .policies
+        .into_iter()
+        .filter(|p| {
+            scoped(p.meta.namespace())
+                && selects(p.spec.selector.as_ref().map(|s| &s.match_labels), &me.labels)
+        })
+        .collect();
+    compiled.authentications = set
+        .authentications
+        .into_iter()
+        .filter(|a| {
+            scoped(a.meta.namespace())
+                && selects(a.spec.selector.as_ref().map(|s| &s.match_labels), &me.labels)
+        })
+        .collect();
+    if problems.iter().any(|p| p.severity == Severity::Error) {
+        return Err(problems);
+    }
+    compiled.warnings = problems;
+    Ok(compiled)
+}
+
+/// Files whose change must trigger a reload: the directory's YAML files
+/// and every key file they reference.
+fn fingerprint(dir: &Path, key_files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.extend(key_files.iter().cloned());
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map(|m| m.len()).unwrap_or(0);
+            (f, modified, len)
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub loaded: bool,
+    pub reloads: u64,
+    pub failures: u64,
+    /// Problems of the last failed attempt (empty once a load succeeds).
+    pub last_errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+pub struct ConfigSource {
+    dir: PathBuf,
+    me: GatewayIdentity,
+    current: ArcSwap<Compiled>,
+    status: Mutex<ReloadStatus>,
+    stamp: Mutex<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    key_files: Mutex<Vec<PathBuf>>,
+}
+
+/// Loads and compiles the directory once.
+pub fn load(dir: &Path, me: &GatewayIdentity) -> Result<(Compiled, Vec<PathBuf>), Vec<Problem>> {
+    let (set, problems) = ResourceSet::load_dir(dir).map_err(|e| {
+        vec![Problem {
+            severity: Severity::Error,
+            file: dir.to_owned(),
+            resource: None,
+            field: None,
+            message: format!("cannot read the configuration directory: {e}"),
+        }]
+    })?;
+    let key_files = set
+        .providers
+        .iter()
+        .filter_map(|p| secrets::referenced_file(&p.spec.configs.default_config.open_ai_config.api_key))
+        .collect();
+    compile(set, problems, me, |k| std::env::var(k).ok()).map(|c| (c, key_files))
+}
+
+impl ConfigSource {
+    /// The first load must succeed; later failures keep the last good one.
+    pub fn new(dir: PathBuf, me: GatewayIdentity) -> Result<Arc<ConfigSource>, Vec<Problem>> {
+        let stamp = fingerprint(&dir, &[]);
+        let (compiled, key_files) = load(&dir, &me)?;
+        let stamp = if key_files.is_empty() {
+            stamp
+        } else {
+            fingerprint(&dir, &key_files)
+        };
+        let status = ReloadStatus {
+            loaded: true,
+            warnings: compiled.warnings.iter().map(|w| w.to_string()).collect(),
+            ..Default::default()
+        };
+        for w in &compiled.warnings {
+            tracing::warn!(problem = %w, "configuration warning");
+        }
+        Ok(Arc::new(ConfigSource {
+            dir,
+            me,
+            current: ArcSwap::from_pointee(compiled),
+            status: Mutex::new(status),
+            stamp: Mutex::new(stamp),
+            key_files: Mutex::new(key_files),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Compiled> {
+        self.current.load_full()
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reloads if anything changed. Returns `Some(ok)` when it tried.
+    pub fn check(&self) -> Option<bool> {
+        let key_files = self.key_files.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = fingerprint(&self.dir, &key_files);
+        {
+            let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *stamp == now {
+                return None;
+            }
+            *stamp = now;
+        }
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match load(&self.dir, &self.me) {
+            Ok((compiled, key_files)) => {
+                status.reloads += 1;
+                status.last_errors.clear();
+                status.warnings = compiled.warnings.iter().map(|w| w.to_string()).collect();
+                tracing::info!(
+                    policies = compiled.policies.len(),
+                    routes = compiled.routes.len(),
+                    providers = compiled.providers.len(),
+                    "configuration reloaded"
+                );
+                self.current.store(Arc::new(compiled));
+                *self.key_files.lock().unwrap_or_else(|p| p.into_inner()) = key_files;
+                Some(true)
+            }
+            Err(problems) => {
+                status.failures += 1;
+                status.last_errors = problems.iter().map(|p| p.to_string()).collect();
+                for p in &problems {
+                    tracing::error!(problem = %p, "configuration change rejected; keeping the last good configuration");
+                }
+                Some(false)
+            }
+        }
+    }
+
+    pub fn watch(self: &Arc<Self>, period: Duration, on_result: impl Fn(bool) + Send + 'static) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(this) = this.upgrade() else { return };
+                if let Some(ok) = this.check() {
+                    on_result(ok);
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn seed_identity() -> GatewayIdentity {
+        GatewayIdentity {
+            namespace: "istio-system".into(),
+            labels: BTreeMap::from([("istio".into(), "egressgateway".into())]),
+            root_namespace: "istio-system".into(),
+        }
+    }
+
+    const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+
+    #[test]
+    fn seed_compiles_for_the_egress_gateway() {
+        let (set, problems) = ResourceSet::load_dir(Path::new(SEEDS)).unwrap();
+        let c = compile(set, problems, &seed_identity(), |k| {
+            (k == "API_KEY").then(|| "sk-seed".into())
+        })
+        .unwrap();
+        assert_eq!(c.gateway_names, ["istio-system/egress-gw"]);
+        let p = &c.providers["dashscope.aliyuncs.com"];
+        assert_eq!(p.key.expose(), "sk-seed");
+        assert_eq!(p.model.as_deref(), Some("qwen1.5-72b-chat"));
+        assert_eq!(c.policies.len(), 1);
+    }
+
+    #[test]
+    fn missing_key_fails_compilation_and_names_the_field() {
+        let (set, problems) = ResourceSet::load_dir(Path::new(SEEDS)).unwrap();
+        let errs = compile(set, problems, &seed_identity(), |_| None).unwrap_err();
+        assert_eq!(
+            errs[0].field.as_deref(),
+            Some("spec.configs.defaultConfig.openAIConfig.apiKey")
+        );
+        assert!(errs[0].message.contains("API_KEY"));
+    }
+
+    #[test]
+    fn policies_of_other_gateways_and_namespaces_do_not_apply() {
+        let mut set = ResourceSet::default();
+        let p = set.add_text(
+            Path::new("p.yaml"),
+            "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: other-sel, namespace: istio-system}\nspec:\n  selector: {matchLabels: {istio: ingressgateway}}\n  action: DENY\n  rules: [{}]\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: other-ns, namespace: default}\nspec:\n  action: DENY\n  rules: [{}]\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: mine, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{}]\n",
+        );
+        let c = compile(set, p, &seed_identity(), |_| None).unwrap();
+        let names: Vec<_> = c.policies.iter().map(|p| p.meta.name.as_str()).collect();
+        assert_eq!(names, ["mine"]);
+    }
+
+    #[test]
+    fn invalid_change_keeps_last_good_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["egress-gw.yaml", "dashscope-route.yaml"] {
+            std::fs::copy(Path::new(SEEDS).join(f), dir.path().join(f)).unwrap();
+        }
+        let src = ConfigSource::new(dir.path().to_owned(), seed_identity()).unwrap();
+        assert_eq!(src.check(), None);
+        std::fs::write(dir.path().join("bad.yaml"), "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: x}\nspec: {rules: []}\n").unwrap();
+        assert_eq!(src.check(), Some(false));
+        assert_eq!(src.current().routes.len(), 1);
+        let st = src.status();
+        assert_eq!(st.failures, 1);
+        assert!(st.last_errors[0].contains("bad.yaml"), "{st:?}");
+        std::fs::remove_file(dir.path().join("bad.yaml")).unwrap();
+        std::fs::copy(
+            Path::new(SEEDS).join("authpolicy.yaml"),
+            dir.path().join("authpolicy.yaml"),
+        )
+        .unwrap();
+        assert_eq!(src.check(), Some(true));
+        assert_eq!(src.current().policies.len(), 1);
+        assert!(src.status().last_errors.is_empty());
+    }
+}

@@ -1,0 +1,82 @@
+//! TLS passthrough: a tunnelled TLS stream goes to its SNI host on the
+//! original port, after an L4 policy check (principal and host = SNI). Only
+//! hosts with an LLMRoute at this gateway are reachable: the gateway is not
+//! an open proxy.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::{
+    authz::{self, Attributes, Decision},
+    metrics::PassthroughLabels,
+    pipeline::{Gateway, Source},
+};
+
+pub async fn run<S>(gw: Arc<Gateway>, source: &Source, sni: Option<String>, hello: Vec<u8>, mut client: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let principal = source.principal.clone().unwrap_or_else(|| "-".into());
+    let count = |sni: &str, decision: &'static str| {
+        gw.metrics
+            .passthrough
+            .get_or_create(&PassthroughLabels {
+                principal: principal.clone(),
+                sni: sni.to_string(),
+                decision,
+            })
+            .inc();
+    };
+    let Some(sni) = sni else {
+        tracing::info!(target: "access", entry = source.entry, principal, "TLS without SNI refused");
+        count("-", "no_sni");
+        return;
+    };
+    let cfg = gw.config.current();
+    let port = source.dest_port.unwrap_or(443);
+    let routed = cfg.routes.iter().any(|r| {
+        r.spec.host.eq_ignore_ascii_case(&sni)
+            && r.spec.gateways.iter().any(|g| cfg.gateway_names.contains(g))
+    });
+    if !routed {
+        tracing::info!(target: "access", entry = source.entry, principal, sni, "TLS to a host without an LLMRoute refused");
+        count(&sni, "no_route");
+        return;
+    }
+    let attrs = Attributes {
+        principal: source.principal.as_deref(),
+        namespace: source.namespace.as_deref(),
+        host: &sni,
+        port: Some(port),
+        ..Default::default()
+    };
+    if let Decision::Deny(why) = authz::evaluate(&cfg.policies, &attrs) {
+        tracing::info!(target: "access", entry = source.entry, principal, sni, reason = why, "TLS passthrough denied");
+        count(&sni, "denied");
+        return;
+    }
+    let addrs = match gw.upstream.resolver.resolve(&sni, port).await {
+        Ok(a) if !a.is_empty() => a,
+        _ => {
+            tracing::warn!(sni, "TLS passthrough: host does not resolve");
+            count(&sni, "unresolved");
+            return;
+        }
+    };
+    let mut upstream = match tokio::net::TcpStream::connect(&addrs[..]).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(sni, error = %e, "TLS passthrough: cannot connect");
+            count(&sni, "connect_error");
+            return;
+        }
+    };
+    count(&sni, "allowed");
+    if upstream.write_all(&hello).await.is_err() {
+        return;
+    }
+    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (sent, received) = result.unwrap_or((0, 0));
+    tracing::info!(target: "access", entry = source.entry, principal, sni, sent = sent + hello.len() as u64, received, "TLS passthrough closed");
+}

@@ -1,0 +1,350 @@
+//! The L7 request path, in order: JWT (RequestAuthentication) →
+//! AuthorizationPolicy → LLMRoute → LLMProvider adaptation → upstream →
+//! response streamed back with token accounting and one access-log line.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+
+use crate::{
+    authz::{self, Attributes, Decision},
+    config::ConfigSource,
+    jwt,
+    metrics::{DurationLabels, Metrics, RequestLabels, TokenLabels, UpstreamErrorLabels},
+    provider, route,
+    upstream::Upstream,
+    usage::{Extractor, TappedBody, Usage},
+};
+
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Shared by every entry and request.
+pub struct Gateway {
+    pub config: Arc<ConfigSource>,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub max_body: usize,
+}
+
+/// Who sent a request and how it arrived.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    pub principal: Option<String>,
+    pub namespace: Option<String>,
+    /// The original destination port (tunnel entry) or the listener's port.
+    pub dest_port: Option<u16>,
+    pub entry: &'static str,
+}
+
+fn local(status: StatusCode, text: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(text.to_string()))
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(body)
+        .unwrap_or_else(|_| {
+            Response::new(
+                Full::new(Bytes::new())
+                    .map_err(|e: Infallible| match e {})
+                    .boxed_unsync(),
+            )
+        })
+}
+
+/// One access-log record; written once per request.
+struct Access<'a> {
+    source: &'a Source,
+    method: &'a Method,
+    host: &'a str,
+    path: &'a str,
+    provider: &'a str,
+    model: &'a str,
+}
+
+impl Gateway {
+    fn record(&self, a: &Access, code: StatusCode, started: Instant, usage: Option<Usage>, reason: &str) {
+        let principal = a.source.principal.as_deref().unwrap_or("-");
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                principal: principal.to_string(),
+                host: a.host.to_string(),
+                provider: a.provider.to_string(),
+                model: a.model.to_string(),
+                code: code.as_u16(),
+            })
+            .inc();
+        let elapsed = started.elapsed();
+        self.metrics
+            .duration
+            .get_or_create(&DurationLabels {
+                host: a.host.to_string(),
+                provider: a.provider.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+        if let Some(u) = usage {
+            for (kind, n) in [("prompt", u.prompt_tokens), ("completion", u.completion_tokens)] {
+                self.metrics
+                    .tokens
+                    .get_or_create(&TokenLabels {
+                        principal: principal.to_string(),
+                        model: a.model.to_string(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+        tracing::info!(
+            target: "access",
+            entry = a.source.entry,
+            principal,
+            method = %a.method,
+            host = a.host,
+            path = a.path,
+            provider = a.provider,
+            model = a.model,
+            status = code.as_u16(),
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            duration_ms = elapsed.as_millis() as u64,
+            reason,
+            "request"
+        );
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        source: Arc<Source>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let cfg = self.config.current();
+        let (parts, body) = req.into_parts();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let path = parts.uri.path().to_string();
+        let mut access = Access {
+            source: &source,
+            method: &parts.method,
+            host: &host,
+            path: &path,
+            provider: "-",
+            model: "-",
+        };
+        let fail = |this: &Gateway, access: &Access, code: StatusCode, text: &str, reason: &str| {
+            this.record(access, code, started, None, reason);
+            Ok(local(code, text))
+        };
+        if host.is_empty() {
+            return fail(
+                &self,
+                &access,
+                StatusCode::BAD_REQUEST,
+                "missing Host header\n",
+                "no host",
+            );
+        }
+
+        let jwt = match jwt::authenticate(&cfg.authentications, &parts.headers) {
+            Ok(j) => j,
+            Err(e) => {
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::UNAUTHORIZED,
+                    "Jwt verification fails",
+                    &e,
+                )
+            }
+        };
+        let attrs = Attributes {
+            principal: source.principal.as_deref(),
+            namespace: source.namespace.as_deref(),
+            request_principal: jwt.as_ref().map(|j| j.principal.as_str()),
+            claims: jwt.as_ref().map(|j| &j.claims),
+            host: &host,
+            port: source.dest_port,
+            method: Some(parts.method.as_str()),
+            path: Some(&path),
+            headers: Some(&parts.headers),
+        };
+        if let Decision::Deny(why) = authz::evaluate(&cfg.policies, &attrs) {
+            return fail(&self, &access, StatusCode::FORBIDDEN, "RBAC: access denied", &why);
+        }
+
+        let provider = match route::select(&cfg, &host, &parts.headers, |total| rand::random_range(0..total))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::NOT_FOUND,
+                    &format!("{e}\n"),
+                    "no route",
+                )
+            }
+        };
+        access.provider = &provider.name;
+        if parts.method != Method::POST {
+            return fail(
+                &self,
+                &access,
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!(
+                    "{} is not supported: LLM requests are POSTed JSON to {}\n",
+                    parts.method, provider.path
+                ),
+                "method",
+            );
+        }
+        let body = match Limited::new(body, self.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                let text = format!(
+                    "request body larger than {} bytes; raise --max-request-body if this is intended\n",
+                    self.max_body
+                );
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &text,
+                    "body too large",
+                );
+            }
+            Err(_) => {
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::BAD_REQUEST,
+                    "could not read the request body\n",
+                    "body read",
+                )
+            }
+        };
+        let (body, model, _stream) = match provider::adapt_body(&body, provider) {
+            Ok(x) => x,
+            Err(e) => {
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::BAD_REQUEST,
+                    &format!("{e}\n"),
+                    "bad body",
+                )
+            }
+        };
+        let model = model.unwrap_or_else(|| "-".into());
+        access.model = &model;
+        let uri = match provider::upstream_uri(provider) {
+            Ok(u) => u,
+            Err(_) => {
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "provider address is not valid\n",
+                    "provider uri",
+                )
+            }
+        };
+        let headers = match provider::adapt_headers(&parts.headers, provider, body.len()) {
+            Ok(h) => h,
+            // Never echo the header: it would carry the key.
+            Err(_) => {
+                return fail(
+                    &self,
+                    &access,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the provider's API key cannot be sent as a header\n",
+                    "key header",
+                )
+            }
+        };
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = Method::POST;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers;
+
+        let resp = match self.upstream.send(up).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&UpstreamErrorLabels {
+                        provider: provider.name.clone(),
+                        reason: e.reason(),
+                    })
+                    .inc();
+                let code = e.status();
+                return fail(
+                    &self,
+                    &access,
+                    code,
+                    &format!("upstream {}: {e}\n", provider.host),
+                    e.reason(),
+                );
+            }
+        };
+        let (mut rparts, rbody) = resp.into_parts();
+        for h in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+        ] {
+            rparts.headers.remove(h);
+        }
+        let extractor = Extractor::for_content_type(
+            rparts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|c| c.to_str().ok()),
+        );
+        let code = rparts.status;
+        let (this, src) = (self.clone(), source.clone());
+        let (method, host, path, pname, model) = (
+            parts.method.clone(),
+            host.clone(),
+            path.clone(),
+            provider.name.clone(),
+            model.clone(),
+        );
+        let tapped = TappedBody::new(rbody, extractor, move |usage, finished| {
+            let a = Access {
+                source: &src,
+                method: &method,
+                host: &host,
+                path: &path,
+                provider: &pname,
+                model: &model,
+            };
+            this.record(
+                &a,
+                code,
+                started,
+                usage,
+                if finished { "" } else { "client went away" },
+            );
+        });
+        Ok(Response::from_parts(rparts, tapped.boxed_unsync()))
+    }
+}
+
+/// How long a connection may take to send its first request.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);

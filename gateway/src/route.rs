@@ -1,0 +1,159 @@
+//! LLMRoute: which provider serves a request at this gateway. A route for
+//! the request's host must list this gateway (by its Gateway resource's
+//! `namespace/name`); its first rule whose match names this gateway (and
+//! whose headers match) chooses a backend, by weight.
+
+use hyper::HeaderMap;
+use llm_egress_mesh::resources::{BackendRef, LlmRouteRule};
+
+use crate::config::{Compiled, Provider};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error(
+        "no LLMRoute for host {0:?} at this gateway; requests for hosts without a route are not forwarded"
+    )]
+    NoRoute(String),
+    #[error("LLMRoute for {host:?} sends to provider host {provider:?}, but no LLMProvider for that host applies to this gateway")]
+    NoProvider { host: String, provider: String },
+}
+
+fn strip_port(host: &str) -> &str {
+    host.rsplit_once(':')
+        .filter(|(_, p)| p.parse::<u16>().is_ok())
+        .map_or(host, |(h, _)| h)
+}
+
+fn rule_applies(rule: &LlmRouteRule, gateways: &[String], headers: &HeaderMap) -> bool {
+    rule.matches.iter().any(|m| {
+        m.gateways.iter().any(|g| gateways.contains(g))
+            && m.headers.iter().all(|(name, sm)| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| sm.matches(v))
+            })
+    })
+}
+
+/// Picks among backends by weight; `roll` returns a value in `0..total`.
+pub fn pick_backend(backends: &[BackendRef], roll: impl FnOnce(u32) -> u32) -> Option<&BackendRef> {
+    // A missing weight counts as 1 when others are weighted, as Istio does
+    // for a lone backend (which then gets everything).
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight.unwrap_or(1)).collect();
+    let total: u32 = weights.iter().sum();
+    if total == 0 {
+        return backends.first();
+    }
+    let mut r = roll(total);
+    for (b, w) in backends.iter().zip(weights) {
+        if r < w {
+            return Some(b);
+        }
+        r -= w;
+    }
+    backends.last()
+}
+
+/// The provider for a request to `host`.
+pub fn select<'a>(
+    c: &'a Compiled,
+    host: &str,
+    headers: &HeaderMap,
+    roll: impl FnOnce(u32) -> u32,
+) -> Result<&'a Provider, RouteError> {
+    let host = strip_port(host).to_ascii_lowercase();
+    let route = c
+        .routes
+        .iter()
+        .find(|r| {
+            r.spec.host.eq_ignore_ascii_case(&host)
+                && r.spec.gateways.iter().any(|g| c.gateway_names.contains(g))
+        })
+        .ok_or_else(|| RouteError::NoRoute(host.clone()))?;
+    let rule = route
+        .spec
+        .rules
+        .iter()
+        .find(|r| rule_applies(r, &c.gateway_names, headers))
+        .ok_or_else(|| RouteError::NoRoute(host.clone()))?;
+    let backend = pick_backend(&rule.backend_refs, roll).ok_or_else(|| RouteError::NoRoute(host.clone()))?;
+    c.providers
+        .get(&backend.provider_host.to_ascii_lowercase())
+        .ok_or_else(|| RouteError::NoProvider {
+            host: host.clone(),
+            provider: backend.provider_host.clone(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{compile, GatewayIdentity};
+    use llm_egress_mesh::resources::ResourceSet;
+    use std::{collections::BTreeMap, path::Path};
+
+    fn me() -> GatewayIdentity {
+        GatewayIdentity {
+            namespace: "istio-system".into(),
+            labels: BTreeMap::from([("istio".into(), "egressgateway".into())]),
+            root_namespace: "istio-system".into(),
+        }
+    }
+
+    fn compiled(extra: &str) -> Compiled {
+        let (mut set, mut problems) = ResourceSet::load_dir(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples"
+        )))
+        .unwrap();
+        problems.extend(set.add_text(Path::new("extra.yaml"), extra));
+        compile(set, problems, &me(), |_| Some("k".into())).unwrap()
+    }
+
+    #[test]
+    fn seed_route_chooses_the_dashscope_provider_at_the_gateway() {
+        let c = compiled("");
+        let p = select(&c, "dashscope.aliyuncs.com", &HeaderMap::new(), |_| 0).unwrap();
+        assert_eq!(p.path, "/compatible-mode/v1/chat/completions");
+        let p = select(&c, "DashScope.aliyuncs.com:80", &HeaderMap::new(), |_| 0).unwrap();
+        assert_eq!(p.host, "dashscope.aliyuncs.com");
+    }
+
+    #[test]
+    fn unknown_host_has_no_route() {
+        let c = compiled("");
+        assert_eq!(
+            select(&c, "api.openai.com", &HeaderMap::new(), |_| 0).unwrap_err(),
+            RouteError::NoRoute("api.openai.com".into())
+        );
+    }
+
+    #[test]
+    fn route_to_a_missing_provider_is_reported() {
+        let c = compiled("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: o}\nspec:\n  host: api.openai.com\n  gateways: [istio-system/egress-gw]\n  rules:\n  - matches: [{gateways: [istio-system/egress-gw]}]\n    backendRefs: [{providerHost: api.openai.com}]\n");
+        assert!(matches!(
+            select(&c, "api.openai.com", &HeaderMap::new(), |_| 0),
+            Err(RouteError::NoProvider { .. })
+        ));
+    }
+
+    #[test]
+    fn header_matches_and_weights() {
+        let b = |h: &str, w| BackendRef {
+            provider_host: h.into(),
+            weight: Some(w),
+        };
+        let backends = [b("a", 80), b("b", 20)];
+        assert_eq!(pick_backend(&backends, |_| 0).unwrap().provider_host, "a");
+        assert_eq!(pick_backend(&backends, |_| 79).unwrap().provider_host, "a");
+        assert_eq!(pick_backend(&backends, |_| 80).unwrap().provider_host, "b");
+        assert_eq!(pick_backend(&backends, |t| t - 1).unwrap().provider_host, "b");
+
+        let c = compiled("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: o}\nspec:\n  host: llm.example.test\n  gateways: [istio-system/egress-gw]\n  rules:\n  - matches: [{gateways: [istio-system/egress-gw], headers: {x-tier: {exact: gold}}}]\n    backendRefs: [{providerHost: dashscope.aliyuncs.com}]\n");
+        assert!(select(&c, "llm.example.test", &HeaderMap::new(), |_| 0).is_err());
+        let mut h = HeaderMap::new();
+        h.insert("x-tier", "gold".parse().unwrap());
+        assert!(select(&c, "llm.example.test", &h, |_| 0).is_ok());
+    }
+}
