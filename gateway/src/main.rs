@@ -60,7 +60,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a configuration directory: print every problem, exit 1 if any is an error.
     Validate(ValidateArgs),
     /// Create a local CA and SPIFFE certificates for a gateway, an agent and workloads.
@@ -187,7 +187,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

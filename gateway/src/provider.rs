@@ -58,11 +58,11 @@ pub fn adapt_body(body: &[u8], p: &Provider) -> Result<(Bytes, Option<String>, b
 
 /// The upstream URI: `https://<provider host><provider path>`.
 pub fn upstream_uri(p: &Provider) -> Result<Uri, hyper::http::Error> {
-    Ok(Uri::builder()
+    Uri::builder()
         .scheme("https")
         .authority(p.host.as_str())
         .path_and_query(p.path.as_str())
-        .build()?)
+        .build()
 }
 
 /// Upstream headers from the client's: drops credentials, tunnel and

@@ -100,10 +100,13 @@ impl Extractor {
 
 /// Passes a response body through unchanged, feeding the extractor, and
 /// calls `done` once with the usage (if any) when the body ends or drops.
+/// Called once with the usage seen and whether the body ended normally.
+type OnDone = Box<dyn FnOnce(Option<Usage>, bool) + Send>;
+
 pub struct TappedBody<B> {
     inner: B,
     extractor: Extractor,
-    done: Option<Box<dyn FnOnce(Option<Usage>, bool) + Send>>,
+    done: Option<OnDone>,
 }
 
 impl<B> TappedBody<B> {

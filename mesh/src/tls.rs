@@ -124,11 +124,13 @@ pub fn peer_spiffe(state: &rustls::CommonState) -> Option<SpiffeId> {
         .and_then(|c| spiffe_from_cert(c))
 }
 
+type Builder<T> = Box<dyn Fn(&TlsFiles) -> Result<T, TlsError> + Send + Sync>;
+
 /// A configuration rebuilt from its files when any of them changes.
 pub struct Reloading<T> {
     current: ArcSwap<T>,
     files: TlsFiles,
-    build: Box<dyn Fn(&TlsFiles) -> Result<T, TlsError> + Send + Sync>,
+    build: Builder<T>,
     stamp: std::sync::Mutex<Vec<Option<SystemTime>>>,
 }
 

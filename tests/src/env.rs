@@ -51,3 +51,29 @@ pub fn tests_bin(name: &str) -> PathBuf {
     );
     path
 }
+
+/// The gateway binary: `LLM_EGRESS_GATEWAY_BIN`, or the debug build.
+pub fn gateway_bin() -> PathBuf {
+    let path = std::env::var_os("LLM_EGRESS_GATEWAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug/llm-egress-gateway"));
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p llm-egress-gateway`) or run `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// A loopback address of its own for each call (all of 127/8 is local), so
+/// that parallel tests can each bind the same ports.
+pub fn loopback_ip() -> std::net::Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::net::Ipv4Addr::new(
+        127,
+        100 + (std::process::id() % 100) as u8,
+        (n / 250) as u8,
+        (n % 250 + 1) as u8,
+    )
+}

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod env;
+pub mod gateway_lab;
 pub mod netns;
 pub mod process;
 pub mod topology;

@@ -136,6 +136,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(name: &str, place: &Place, program: &Path, args: &[String], log_dir: &Path) -> Daemon {
+        Self::start_with_env(name, place, program, args, &[], log_dir)
+    }
+
+    pub fn start_with_env(
+        name: &str,
+        place: &Place,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::options()
             .create(true)
@@ -144,6 +155,7 @@ impl Daemon {
             .expect("creating log file");
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup log fd"))
             .stderr(out);

@@ -1,0 +1,324 @@
+//! A gateway on loopback with a local OpenAI-compatible HTTPS provider, a
+//! local CA and SPIFFE certificates; clients that speak the agent's tunnel
+//! protocol or the direct mTLS entry, as the tests need.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, Request, Response};
+use hyper_util::rt::TokioIo;
+use llm_egress_mesh::{
+    certs,
+    identity::SpiffeId,
+    tls::{client_config, TlsFiles, ALPN_H2},
+    tunnel::{TunnelClient, TunnelStream, WorkloadIdentity},
+};
+use serde_json::Value;
+
+use crate::{
+    env,
+    process::{wait_for, Daemon, Place},
+};
+
+pub const PROVIDER_HOST: &str = "dashscope.aliyuncs.com";
+pub const SEED_FILES: [&str; 3] = ["egress-gw.yaml", "dashscope-qwen.yaml", "dashscope-route.yaml"];
+
+pub fn examples_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// The seed's Step 4 body.
+pub const SEED_BODY: &str = r#"{
+"messages": [
+{"role": "user", "content": "Tell me about yourself"}
+]
+}"#;
+
+pub struct GatewayLab {
+    pub gateway: Option<Daemon>,
+    pub provider: Option<Daemon>,
+    pub dir: tempfile::TempDir,
+    pub ip: Ipv4Addr,
+    pub api_key: String,
+}
+
+impl GatewayLab {
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 15008)
+    }
+
+    pub fn direct_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 15443)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 15020)
+    }
+
+    /// Certificates, the seed's first three manifests, the provider and the gateway.
+    pub fn new() -> GatewayLab {
+        env::require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("llm-egress-gw")
+            .tempdir()
+            .expect("tempdir");
+        let ip = env::loopback_ip();
+        // A key that looks real enough to be recognised if it ever leaked.
+        let api_key = format!(
+            "sk-test-{:x}{:x}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ 0x5eed_cafe
+        );
+        let mut lab = GatewayLab {
+            gateway: None,
+            provider: None,
+            dir,
+            ip,
+            api_key,
+        };
+
+        let out = Command::new(env::gateway_bin())
+            .args(["certs", "--out"])
+            .arg(lab.certs())
+            .args([
+                "--gateway-dns",
+                "localhost",
+                "--workload",
+                "default/sleep",
+                "--workload",
+                "default/other",
+            ])
+            .output()
+            .expect("running llm-egress-gateway certs");
+        assert!(
+            out.status.success(),
+            "certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The provider's certificate, from the same CA, for the provider host.
+        let ca = certs::Pem {
+            cert: std::fs::read_to_string(lab.certs().join("ca.pem")).unwrap(),
+            key: std::fs::read_to_string(lab.certs().join("ca-key.pem")).unwrap(),
+        };
+        let provider_cert = certs::issue(
+            &ca,
+            &SpiffeId::parse("spiffe://provider.test/dashscope").unwrap(),
+            &[PROVIDER_HOST.to_string()],
+        )
+        .unwrap();
+        certs::write(&lab.certs(), "provider", &provider_cert).unwrap();
+
+        std::fs::create_dir_all(lab.config()).unwrap();
+        for f in SEED_FILES {
+            std::fs::copy(examples_dir().join(f), lab.config().join(f)).unwrap();
+        }
+        lab.start_provider();
+        lab.start_gateway();
+        lab
+    }
+
+    pub fn start_provider(&mut self) {
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            format!("{}:443", self.ip),
+            "--cert".into(),
+            self.certs().join("provider.pem").display().to_string(),
+            "--key".into(),
+            self.certs().join("provider-key.pem").display().to_string(),
+            "--log".into(),
+            self.dir.path().join("provider.jsonl").display().to_string(),
+        ];
+        let p = Daemon::start_with_env(
+            "provider",
+            &Place::default(),
+            &env::tests_bin("llm-egress-fake-provider"),
+            &args,
+            &[("PROVIDER_API_KEY", self.api_key.as_str())],
+            self.dir.path(),
+        );
+        self.provider = Some(p);
+        wait_for("the provider", Duration::from_secs(10), || {
+            self.provider.as_ref()?.logs().contains("listening").then_some(())
+        });
+    }
+
+    pub fn stop_provider(&mut self) {
+        if let Some(mut p) = self.provider.take() {
+            p.stop();
+        }
+    }
+
+    pub fn gateway_args(&self) -> Vec<String> {
+        let c = |f: &str| self.certs().join(f).display().to_string();
+        vec![
+            "--log-format".into(),
+            "json".into(),
+            "run".into(),
+            "--config".into(),
+            self.config().display().to_string(),
+            "--tls-cert".into(),
+            c("gateway.pem"),
+            "--tls-key".into(),
+            c("gateway-key.pem"),
+            "--trust-bundle".into(),
+            c("ca.pem"),
+            "--tunnel-listen".into(),
+            self.tunnel_addr().to_string(),
+            "--direct-listen".into(),
+            self.direct_addr().to_string(),
+            "--admin".into(),
+            self.admin_addr().to_string(),
+            "--upstream-ca".into(),
+            c("ca.pem"),
+            "--resolve".into(),
+            format!("{PROVIDER_HOST}={}", self.ip),
+        ]
+    }
+
+    pub fn start_gateway(&mut self) {
+        let g = Daemon::start_with_env(
+            "gateway",
+            &Place::default(),
+            &env::gateway_bin(),
+            &self.gateway_args(),
+            &[("API_KEY", self.api_key.as_str()), ("RUST_LOG", "info")],
+            self.dir.path(),
+        );
+        self.gateway = Some(g);
+        let admin = self.admin_addr();
+        wait_for("the gateway to be ready", Duration::from_secs(15), || {
+            if let Some(g) = self.gateway.as_mut() {
+                g.assert_running();
+            }
+            std::net::TcpStream::connect(admin).ok().map(|_| ())
+        });
+    }
+
+    pub fn gateway_logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn provider_requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("provider.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Writes (or replaces) a policy file in the watched directory.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        let tmp = self.config().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.config().join(name)).unwrap();
+    }
+
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.config().join(name));
+    }
+
+    pub fn tls_files(&self, name: &str) -> TlsFiles {
+        TlsFiles {
+            cert: self.certs().join(format!("{name}.pem")),
+            key: self.certs().join(format!("{name}-key.pem")),
+            ca: self.certs().join("ca.pem"),
+        }
+    }
+
+    /// A tunnel client presenting certificate `name` (`agent`, `workload-default-sleep`, …).
+    pub fn tunnel_client(&self, name: &str) -> TunnelClient {
+        let cfg = Arc::new(client_config(&self.tls_files(name), &[ALPN_H2]).expect("client TLS config"));
+        TunnelClient::new(self.tunnel_addr(), "localhost", Arc::new(move || cfg.clone()))
+            .expect("tunnel client")
+    }
+
+    pub async fn admin_get(&self, path: &str) -> String {
+        let tcp = tokio::net::TcpStream::connect(self.admin_addr())
+            .await
+            .expect("admin reachable");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+    }
+}
+
+impl Default for GatewayLab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn identity(ns: &str, sa: &str) -> WorkloadIdentity {
+    WorkloadIdentity {
+        spiffe: SpiffeId::workload("cluster.local", ns, sa),
+        namespace: ns.into(),
+        service_account: sa.into(),
+        pod: Some(format!("{sa}-0")),
+        node: Some("node-1".into()),
+    }
+}
+
+/// An HTTP/1.1 client connection over a tunnel stream (what a pod's curl
+/// sends, byte for byte, once the agent has tunnelled it).
+pub async fn http_over(stream: TunnelStream) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP/1.1 over the tunnel");
+    tokio::spawn(conn);
+    sender
+}
+
+pub fn seed_request(body: &str) -> Request<Full<Bytes>> {
+    Request::post("/")
+        .header("host", PROVIDER_HOST)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+pub async fn body_text(resp: Response<Incoming>) -> String {
+    String::from_utf8_lossy(
+        &resp
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes(),
+    )
+    .into_owned()
+}
+
+/// Reads every file under `dir` as text, for leak checks.
+pub fn read_all(dir: &Path) -> String {
+    let mut out = String::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_file() && !e.file_name().to_string_lossy().ends_with(".pem") {
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
