@@ -1,6 +1,7 @@
 //! Agent configuration: a YAML file, overridden field by field by flags.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -12,8 +13,11 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Forward the bytes to the original destination (debugging; no gateway).
+    /// Tunnel each connection to the egress gateway over HTTP/2 mTLS, tagged
+    /// with the workload's identity.
     #[default]
+    Tunnel,
+    /// Forward the bytes to the original destination (debugging; no gateway).
     Direct,
 }
 
@@ -33,6 +37,24 @@ pub struct FileConfig {
     pub workloads: WorkloadsFileConfig,
     pub admin: Option<SocketAddr>,
     pub mode: Option<Mode>,
+    /// Directory of LLMRoute resources: hosts to capture and, from each
+    /// route's `mesh` rule, the gateway to tunnel to.
+    pub resources: Option<PathBuf>,
+    /// Gateway names (a mesh rule's providerHost) → tunnel address.
+    #[serde(default)]
+    pub gateways: BTreeMap<String, SocketAddr>,
+    #[serde(default)]
+    pub tls: TlsFileConfig,
+    pub trust_domain: Option<String>,
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsFileConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +88,17 @@ pub struct Config {
     pub admin: SocketAddr,
     pub mode: Mode,
     pub resolve: ResolveTiming,
+    pub resources: Option<PathBuf>,
+    /// Set in tunnel mode.
+    pub tunnel: Option<TunnelConfig>,
+    pub trust_domain: String,
+    pub node_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub tls: llm_egress_mesh::tls::TlsFiles,
+    pub gateways: BTreeMap<String, SocketAddr>,
 }
 
 /// Bounds on how often targets are re-resolved: the record's TTL, clamped.
@@ -108,6 +141,13 @@ pub struct Overrides {
     pub workloads_file: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
     pub mode: Option<Mode>,
+    pub resources: Option<PathBuf>,
+    pub gateways: Vec<(String, SocketAddr)>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub trust_bundle: Option<PathBuf>,
+    pub trust_domain: Option<String>,
+    pub node_name: Option<String>,
 }
 
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -203,10 +243,11 @@ impl Config {
         } else {
             listen
         };
-        if hosts.is_empty() {
+        let resources = flags.resources.or(file.resources);
+        if hosts.is_empty() && resources.is_none() {
             return Err(invalid(
                 "hosts",
-                "no LLM hosts to capture; list at least one (--host dashscope.aliyuncs.com)".into(),
+                "no LLM hosts to capture; list at least one (--host dashscope.aliyuncs.com) or give LLMRoute resources (--resources DIR)".into(),
             ));
         }
         for host in &hosts {
@@ -230,7 +271,52 @@ impl Config {
                 )
             })?;
 
+        let mode = flags.mode.or(file.mode).unwrap_or_default();
+        let mut gateways = file.gateways;
+        gateways.extend(flags.gateways);
+        let tunnel = match mode {
+            Mode::Direct => None,
+            Mode::Tunnel => {
+                let need = |v: Option<PathBuf>, field: &'static str, flag: &str| {
+                    v.ok_or_else(|| {
+                        invalid(
+                            field,
+                            format!("missing: tunnel mode needs the agent's mTLS files ({flag})"),
+                        )
+                    })
+                };
+                let tls = llm_egress_mesh::tls::TlsFiles {
+                    cert: need(flags.tls_cert.or(file.tls.cert), "tls.cert", "--tls-cert")?,
+                    key: need(flags.tls_key.or(file.tls.key), "tls.key", "--tls-key")?,
+                    ca: need(flags.trust_bundle.or(file.tls.ca), "tls.ca", "--trust-bundle")?,
+                };
+                if gateways.is_empty() {
+                    return Err(invalid(
+                        "gateways",
+                        "missing: map the egress gateway's name to its tunnel address (--gateway-address istio-egressgateway.istio-system.svc.cluster.local=10.0.0.5:15008)".into(),
+                    ));
+                }
+                Some(TunnelConfig { tls, gateways })
+            }
+        };
+        let node_name = flags
+            .node_name
+            .or(file.node_name)
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+
         Ok(Config {
+            resources,
+            tunnel,
+            trust_domain: flags
+                .trust_domain
+                .or(file.trust_domain)
+                .unwrap_or_else(|| "cluster.local".into()),
+            node_name,
             cgroup_root: flags
                 .cgroup_root
                 .or(file.cgroup_root)
@@ -246,7 +332,7 @@ impl Config {
                 .admin
                 .or(file.admin)
                 .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant address")),
-            mode: flags.mode.or(file.mode).unwrap_or_default(),
+            mode,
             resolve: ResolveTiming::default(),
         })
     }
@@ -318,7 +404,7 @@ mode: direct
     #[test]
     fn missing_advertise_is_reported() {
         let err = Config::resolve(
-            parse("hosts: [a]\nworkloads: {static: /w}\n").unwrap(),
+            parse("mode: direct\nhosts: [a]\nworkloads: {static: /w}\n").unwrap(),
             Overrides::default(),
         )
         .unwrap_err()
@@ -329,7 +415,7 @@ mode: direct
     #[test]
     fn unspecified_advertise_is_rejected() {
         let err = Config::resolve(
-            parse("hosts: [a]\nworkloads: {static: /w}\nproxy: {advertise: [\"0.0.0.0:15001\"]}\n").unwrap(),
+            parse("mode: direct\nhosts: [a]\nworkloads: {static: /w}\nproxy: {advertise: [\"0.0.0.0:15001\"]}\n").unwrap(),
             Overrides::default(),
         )
         .unwrap_err()
@@ -343,8 +429,11 @@ mode: direct
             advertise: vec!["10.0.0.1:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap()],
             ..Default::default()
         };
-        let err =
-            Config::resolve(parse("hosts: [a]\nworkloads: {static: /w}\n").unwrap(), flags).unwrap_err();
+        let err = Config::resolve(
+            parse("mode: direct\nhosts: [a]\nworkloads: {static: /w}\n").unwrap(),
+            flags,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("more than one IPv4"), "{err}");
     }
 
@@ -361,7 +450,7 @@ mode: direct
     #[test]
     fn listen_defaults_to_advertised_port() {
         let cfg = Config::resolve(
-            parse("hosts: [a]\nworkloads: {static: /w}\nproxy: {advertise: [\"10.0.0.1:16000\"]}\n").unwrap(),
+            parse("mode: direct\nhosts: [a]\nworkloads: {static: /w}\nproxy: {advertise: [\"10.0.0.1:16000\"]}\n").unwrap(),
             Overrides::default(),
         )
         .unwrap();
@@ -377,7 +466,11 @@ mode: direct
             ],
             ..Default::default()
         };
-        let cfg = Config::resolve(parse("hosts: [a]\nworkloads: {static: /w}\n").unwrap(), flags).unwrap();
+        let cfg = Config::resolve(
+            parse("mode: direct\nhosts: [a]\nworkloads: {static: /w}\n").unwrap(),
+            flags,
+        )
+        .unwrap();
         assert_eq!(cfg.listen, vec!["[::]:15001".parse::<SocketAddr>().unwrap()]);
     }
 

@@ -8,8 +8,10 @@ mod metrics;
 mod preflight;
 mod proxy;
 mod registry;
+mod routes;
 mod status;
 mod targets;
+mod uplink;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -50,7 +52,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Attach capture (or reuse a pinned one) and run the capture proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print targets, enrolled workloads and counters of a running agent.
     Status(StatusArgs),
     /// Detach the kernel programs and remove everything pinned under bpffs.
@@ -86,9 +88,43 @@ struct RunArgs {
     /// Admin endpoint address (/healthz, /readyz, /metrics, /status; default 127.0.0.1:15021).
     #[arg(long)]
     admin: Option<SocketAddr>,
-    /// What to do with captured connections.
+    /// What to do with captured connections (default tunnel).
     #[arg(long, value_enum)]
     mode: Option<Mode>,
+    /// Directory of LLMRoute resources: their hosts are captured, their `mesh` rule names the gateway.
+    #[arg(long)]
+    resources: Option<PathBuf>,
+    /// Tunnel address of an egress gateway, NAME=IP:PORT, NAME as in a mesh rule's providerHost (repeatable).
+    #[arg(long = "gateway-address", value_parser = parse_gateway)]
+    gateway_addresses: Vec<(String, SocketAddr)>,
+    /// The agent's certificate (PEM) for the tunnel's mTLS.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The agent's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA certificates the gateway's certificate must chain to (PEM).
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities (default cluster.local).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Node name sent with each tunnelled connection (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Seconds to let open connections finish after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    drain_seconds: u64,
+}
+
+fn parse_gateway(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP:PORT"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{s:?}: {addr:?} is not an IP:PORT address"))?;
+    Ok((name.to_ascii_lowercase(), addr))
 }
 
 #[derive(Args)]
@@ -156,7 +192,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Status(args) => status::print(args.admin, args.json).await.map_err(Failure::from),
             Command::Uninstall(args) => uninstall(args),
         }
@@ -204,6 +240,13 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         workloads_file: args.workloads,
         admin: args.admin,
         mode: args.mode,
+        resources: args.resources,
+        gateways: args.gateway_addresses,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        trust_bundle: args.trust_bundle,
+        trust_domain: args.trust_domain,
+        node_name: args.node_name,
     };
     let cfg = Config::resolve(file, overrides).map_err(|e| fail(2, e))?;
 
@@ -217,6 +260,19 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     // keeps the last good list.
     let mut source: Box<dyn WorkloadSource> = Box::new(StaticFileSource::new(cfg.workloads_file.clone()));
     let initial = source.poll().map_err(|e| fail(2, e))?;
+    let routes = Arc::new(routes::Routes::new(cfg.resources.clone()).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        fail(
+            2,
+            anyhow::anyhow!("LLMRoute resources are not valid:\n  {}", list.join("\n  ")),
+        )
+    })?);
+    let uplink = match &cfg.tunnel {
+        Some(t) => Some(Arc::new(
+            uplink::Uplink::new(t).map_err(|e| fail(2, anyhow::anyhow!("agent TLS: {e}")))?,
+        )),
+        None => None,
+    };
 
     // Bind before touching the kernel so that a busy port fails cleanly.
     let mut listeners = Vec::new();
@@ -242,15 +298,37 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     let registry = Arc::new(Registry::new(cfg.cgroup_root.clone(), source.as_ref()));
     let _ = registry.apply(Ok(initial), &capture);
 
-    let targets = Arc::new(targets::Targets::new(&cfg.hosts, cfg.ports.clone()));
+    let targets = Arc::new(targets::Targets::new(
+        &capture_hosts(&cfg.hosts, &routes.table()),
+        cfg.ports.clone(),
+    ));
     let metrics = Arc::new(metrics::Metrics::new(capture.clone()));
+    let parts = proxy::ProxyParts {
+        routes: routes.clone(),
+        uplink,
+        trust_domain: cfg.trust_domain.clone(),
+        node_name: cfg.node_name.clone(),
+    };
     let proxy = Arc::new(proxy::Proxy::new(
         capture.clone(),
         registry.clone(),
         targets.clone(),
-        metrics,
+        metrics.clone(),
         cfg.mode,
+        parts,
     ));
+    {
+        // LLMRoute changes add or remove capture targets.
+        let (routes, targets, extra) = (routes.clone(), targets.clone(), cfg.hosts.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some(table) = routes.check() {
+                    targets.set_hosts(&capture_hosts(&extra, &table));
+                }
+            }
+        });
+    }
 
     tokio::spawn(
         registry
@@ -265,9 +343,10 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         advertise: cfg.advertise_v4.into_iter().chain(cfg.advertise_v6).collect(),
         listening: false.into(),
     });
+    let mut accept_loops = Vec::new();
     for l in listeners {
         tracing::info!(listen = %l.local_addr()?, mode = ?cfg.mode, "capture proxy listening");
-        tokio::spawn(proxy.clone().serve(l));
+        accept_loops.push(tokio::spawn(proxy.clone().serve(l)));
     }
     admin_state
         .listening
@@ -278,10 +357,25 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     tokio::select! {
         r = admin => r.context("admin endpoint failed")?,
         _ = shutdown_signal() => {
-            tracing::info!("shutting down; capture stays attached (pinned) and fails closed until an agent runs again");
+            // Stop accepting, then let open connections finish.
+            for l in &accept_loops {
+                l.abort();
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(args.drain_seconds);
+            while metrics.active.get() > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::info!(open = metrics.active.get(), "shutting down; capture stays attached (pinned) and fails closed until an agent runs again");
         }
     }
     Ok(())
+}
+
+/// Hosts to capture: the configured ones plus every LLMRoute host.
+fn capture_hosts(configured: &[String], table: &routes::RouteTable) -> Vec<String> {
+    let mut hosts = configured.to_vec();
+    hosts.extend(table.hosts().into_iter().filter(|h| !configured.contains(h)));
+    hosts
 }
 
 async fn shutdown_signal() {

@@ -99,7 +99,7 @@ impl Metrics {
         );
         registry.register(
             "llm_egress_agent_rejected_connections",
-            "Connections the proxy closed without forwarding: no_record (not captured by eBPF), unknown_workload (cgroup no longer enrolled), upstream_error (destination unreachable)",
+            "Connections the proxy closed without forwarding: no_record (not captured by eBPF), unknown_workload (cgroup no longer enrolled), upstream_error (destination or tunnel failed mid-way), gateway_unavailable (no tunnel to the egress gateway could be opened)",
             rejected.clone(),
         );
         registry.register(

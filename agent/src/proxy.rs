@@ -12,12 +12,16 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 
+use llm_egress_mesh::{identity::SpiffeId, tunnel::WorkloadIdentity};
+
 use crate::{
     config::Mode,
     loader::Capture,
     metrics::{ByteLabels, ConnectionLabels, Metrics, RejectLabels},
     registry::Registry,
+    routes::Routes,
     targets::Targets,
+    uplink::{Uplink, UplinkError},
 };
 
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,7 +47,20 @@ pub struct Proxy {
     pub targets: Arc<Targets>,
     pub metrics: Arc<Metrics>,
     pub mode: Mode,
+    pub routes: Arc<Routes>,
+    /// Set in tunnel mode.
+    pub uplink: Option<Arc<Uplink>>,
+    pub trust_domain: String,
+    pub node_name: String,
     recent: Mutex<VecDeque<RecentConnection>>,
+}
+
+/// The pieces a proxy needs besides capture state.
+pub struct ProxyParts {
+    pub routes: Arc<Routes>,
+    pub uplink: Option<Arc<Uplink>>,
+    pub trust_domain: String,
+    pub node_name: String,
 }
 
 impl Proxy {
@@ -53,6 +70,7 @@ impl Proxy {
         targets: Arc<Targets>,
         metrics: Arc<Metrics>,
         mode: Mode,
+        parts: ProxyParts,
     ) -> Proxy {
         Proxy {
             capture,
@@ -60,6 +78,10 @@ impl Proxy {
             targets,
             metrics,
             mode,
+            routes: parts.routes,
+            uplink: parts.uplink,
+            trust_domain: parts.trust_domain,
+            node_name: parts.node_name,
             recent: Mutex::new(VecDeque::new()),
         }
     }
@@ -144,8 +166,36 @@ impl Proxy {
 
         let started = Instant::now();
         self.metrics.active.inc();
-        let result = match self.mode {
-            Mode::Direct => self.forward_direct(&mut client, dst).await,
+        let result = match (self.mode, &self.uplink) {
+            (Mode::Tunnel, Some(uplink)) => {
+                let who = WorkloadIdentity {
+                    spiffe: SpiffeId::workload(
+                        &self.trust_domain,
+                        &workload.spec.namespace,
+                        &workload.spec.service_account,
+                    ),
+                    namespace: workload.spec.namespace.clone(),
+                    service_account: workload.spec.service_account.clone(),
+                    pod: Some(workload.spec.name.clone()),
+                    node: Some(self.node_name.clone()),
+                };
+                let host_name = host.clone().unwrap_or_else(|| dst.ip().to_string());
+                match self
+                    .forward_tunnel(uplink, &mut client, dst, &host_name, &who)
+                    .await
+                {
+                    Err(TunnelFailure::Open(e)) => {
+                        self.reject("gateway_unavailable");
+                        if uplink.should_warn() {
+                            tracing::warn!(%peer, original_dst = %dst, principal = %workload.principal(), error = %e, "cannot open a tunnel to the egress gateway; closing captured connections until it is back (logged once per burst)");
+                        }
+                        return;
+                    }
+                    Err(TunnelFailure::Io(e)) => Err(e),
+                    Ok(n) => Ok(n),
+                }
+            }
+            _ => self.forward_direct(&mut client, dst).await,
         };
         self.metrics.active.dec();
         match result {
@@ -176,6 +226,27 @@ impl Proxy {
         }
     }
 
+    async fn forward_tunnel(
+        &self,
+        uplink: &Uplink,
+        client: &mut TcpStream,
+        dst: SocketAddr,
+        host: &str,
+        who: &WorkloadIdentity,
+    ) -> Result<(u64, u64), TunnelFailure> {
+        let gateway = uplink
+            .gateway_for(self.routes.gateway_for(host), host)
+            .map_err(TunnelFailure::Open)?;
+        let (mut stream, _permit) = uplink
+            .open(&gateway, &dst.to_string(), who)
+            .await
+            .map_err(TunnelFailure::Open)?;
+        let _ = client.set_nodelay(true);
+        tokio::io::copy_bidirectional(client, &mut stream)
+            .await
+            .map_err(TunnelFailure::Io)
+    }
+
     async fn forward_direct(&self, client: &mut TcpStream, dst: SocketAddr) -> std::io::Result<(u64, u64)> {
         let mut upstream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(dst))
             .await
@@ -189,4 +260,10 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         tokio::io::copy_bidirectional(client, &mut upstream).await
     }
+}
+
+enum TunnelFailure {
+    /// No stream could be opened: nothing was sent anywhere.
+    Open(UplinkError),
+    Io(std::io::Error),
 }

@@ -85,6 +85,19 @@ impl Targets {
             .collect()
     }
 
+    /// Replaces the host list; new hosts are resolved at once, removed
+    /// hosts stop being captured at the next sync.
+    pub fn set_hosts(&self, hosts: &[String]) {
+        let mut map = self.hosts.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|h, _| hosts.contains(h));
+        for h in hosts {
+            map.entry(h.clone()).or_insert_with(|| HostStatus {
+                host: h.clone(),
+                ..Default::default()
+            });
+        }
+    }
+
     /// Every host has been tried at least once (successfully or not).
     pub fn all_attempted(&self) -> bool {
         self.hosts

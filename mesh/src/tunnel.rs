@@ -50,6 +50,8 @@ pub enum TunnelError {
     Request(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("the gateway at {addr} was unreachable moments ago; retrying in {retry_in:?}")]
+    Backoff { addr: SocketAddr, retry_in: Duration },
 }
 
 /// Who a tunnelled connection belongs to.
@@ -210,7 +212,12 @@ pub struct TunnelClient {
     tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
     connect_timeout: Duration,
     sender: tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>,
+    /// After a failed dial, connections fail fast until this instant.
+    backoff: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl TunnelClient {
     /// `tls` returns the current client config (so certificate reloads apply
@@ -228,6 +235,7 @@ impl TunnelClient {
             tls,
             connect_timeout: Duration::from_secs(5),
             sender: tokio::sync::Mutex::new(None),
+            backoff: std::sync::Mutex::new((0, None)),
         })
     }
 
@@ -266,11 +274,40 @@ impl TunnelClient {
                 return Ok(s.clone());
             }
         }
-        let s = tokio::time::timeout(self.connect_timeout, self.dial())
-            .await
-            .map_err(|_| TunnelError::Timeout(self.connect_timeout))??;
-        *slot = Some(s.clone());
-        Ok(s)
+        {
+            let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(until) = backoff.1 {
+                let now = std::time::Instant::now();
+                if until > now {
+                    return Err(TunnelError::Backoff {
+                        addr: self.addr,
+                        retry_in: until - now,
+                    });
+                }
+            }
+        }
+        let dialed = match tokio::time::timeout(self.connect_timeout, self.dial()).await {
+            Ok(r) => r,
+            Err(_) => Err(TunnelError::Timeout(self.connect_timeout)),
+        };
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        match dialed {
+            Ok(s) => {
+                *backoff = (0, None);
+                *slot = Some(s.clone());
+                Ok(s)
+            }
+            Err(e) => {
+                // Exponential, capped: a gateway that comes back is used
+                // again within BACKOFF_MAX.
+                let failures = backoff.0.saturating_add(1);
+                let wait = BACKOFF_START
+                    .saturating_mul(1 << failures.min(5))
+                    .min(BACKOFF_MAX);
+                *backoff = (failures, Some(std::time::Instant::now() + wait));
+                Err(e)
+            }
+        }
     }
 
     /// Opens a stream to `authority` (`ip:port` or `host:port`) on behalf of `who`.

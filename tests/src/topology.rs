@@ -33,17 +33,29 @@ pub const NODE_POD_V4: &str = "10.77.1.1";
 pub const NODE_INET_V4: &str = "198.51.100.1";
 pub const NODE_INET_V6: &str = "fd77:ff::1";
 pub const ADMIN: &str = "127.0.0.1:15021";
+/// The seed's provider host; the internet host answers for it too.
+pub const SEED_HOST: &str = "dashscope.aliyuncs.com";
+pub const GATEWAY_NAME: &str = "istio-egressgateway.istio-system.svc.cluster.local";
+pub const GATEWAY_TUNNEL: &str = "10.77.2.2:15008";
 
 pub struct CaptureLab {
     // Field order is drop order: processes first, then cgroups, mounts, namespaces.
     pub agent: Option<Daemon>,
+    pub gateway: Option<Daemon>,
+    pub provider: Option<Daemon>,
     pub internet_server: Daemon,
     pub cgroups: TestCgroup,
     pub bpffs: Bpffs,
     pub node: Netns,
     pub pod: Netns,
     pub internet: Netns,
+    /// Where the egress gateway runs (a "central" namespace next to the node).
+    pub gw: Netns,
     pub workdir: tempfile::TempDir,
+    /// The provider key only the gateway (and the fake provider) know.
+    pub api_key: String,
+    /// Whether the agent tunnels to the gateway (set by `start_mesh`).
+    pub tunnel: bool,
     /// Cgroup of the enrolled workload `default/sleep`.
     pub sleep_cgroup: PathBuf,
     /// A cgroup that is never enrolled.
@@ -57,6 +69,7 @@ impl CaptureLab {
         let node = Netns::new(&format!("le{id}-node"));
         let pod = Netns::new(&format!("le{id}-pod"));
         let internet = Netns::new(&format!("le{id}-inet"));
+        let gw = Netns::new(&format!("le{id}-gw"));
 
         veth(&node, "veth-pod", &pod, "eth0");
         node.ip("addr add 10.77.1.1/24 dev veth-pod");
@@ -81,15 +94,24 @@ impl CaptureLab {
         }
         internet.ip("route add 10.77.0.0/16 via 198.51.100.1");
         internet.ip("-6 route add fd77::/16 via fd77:ff::1");
+        // The gateway's namespace: reached from the node, and out to the
+        // internet through it.
+        veth(&node, "veth-gw", &gw, "eth0");
+        node.ip("addr add 10.77.2.1/24 dev veth-gw");
+        gw.ip("addr add 10.77.2.2/24 dev eth0");
+        gw.ip("route add default via 10.77.2.1");
+        internet.ip("route add 10.77.2.0/24 via 198.51.100.1");
         node.ip("route add 203.0.113.0/24 via 198.51.100.2");
         node.ip("-6 route add 2001:db8::/32 via fd77:ff::2");
         // Traffic that is not captured goes pod → node → internet directly.
         node.sysctl("net.ipv4.ip_forward", "1");
         node.sysctl("net.ipv6.conf.all.forwarding", "1");
 
-        for ns in [&node, &pod] {
-            ns.add_host(LLM_V4, LLM_HOST);
-            ns.add_host(LLM_V6, LLM_HOST);
+        for ns in [&node, &pod, &gw] {
+            for host in [LLM_HOST, SEED_HOST] {
+                ns.add_host(LLM_V4, host);
+                ns.add_host(LLM_V6, host);
+            }
         }
 
         let workdir = tempfile::Builder::new()
@@ -122,7 +144,18 @@ impl CaptureLab {
             node,
             pod,
             internet,
+            gw,
             workdir,
+            api_key: format!(
+                "sk-lab-{id}-{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(7)
+            ),
+            gateway: None,
+            provider: None,
+            tunnel: false,
             sleep_cgroup,
             other_cgroup,
         };
@@ -174,7 +207,32 @@ impl CaptureLab {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.mode_args())
         .collect()
+    }
+
+    /// Direct mode until `start_mesh`; then the tunnel to the gateway.
+    fn mode_args(&self) -> Vec<String> {
+        if !self.tunnel {
+            return vec!["--mode".into(), "direct".into()];
+        }
+        let c = |f: &str| self.certs().join(f).display().to_string();
+        vec![
+            "--mode".into(),
+            "tunnel".into(),
+            "--resources".into(),
+            self.config().display().to_string(),
+            "--gateway-address".into(),
+            format!("{GATEWAY_NAME}={GATEWAY_TUNNEL}"),
+            "--tls-cert".into(),
+            c("agent.pem"),
+            "--tls-key".into(),
+            c("agent-key.pem"),
+            "--trust-bundle".into(),
+            c("ca.pem"),
+            "--node-name".into(),
+            "node-1".into(),
+        ]
     }
 
     /// Starts the agent in the node namespace and waits until it reports

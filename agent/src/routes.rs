@@ -1,0 +1,185 @@
+//! The capture side of LLMRoute: every route's host is captured, and the
+//! route's rule for gateway `mesh` names (in `providerHost`) the egress
+//! gateway its connections are tunnelled to. Read from the same resource
+//! files the gateway uses; re-read when they change.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::RwLock,
+    time::SystemTime,
+};
+
+use llm_egress_mesh::resources::{LlmRouteSpec, Problem, ResourceSet, Severity};
+
+/// Host → gateway name, for routes that apply to the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub gateway_of: BTreeMap<String, String>,
+}
+
+const MESH: &str = "mesh";
+
+fn mesh_gateway(spec: &LlmRouteSpec) -> Option<String> {
+    // Istio: a route without `gateways` applies to the mesh only.
+    let for_mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH);
+    if !for_mesh {
+        return None;
+    }
+    spec.rules
+        .iter()
+        .find(|r| {
+            r.matches.is_empty()
+                || r.matches
+                    .iter()
+                    .any(|m| m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH))
+        })
+        .and_then(|r| r.backend_refs.first())
+        .map(|b| b.provider_host.to_ascii_lowercase())
+}
+
+impl RouteTable {
+    pub fn from_set(set: &ResourceSet) -> RouteTable {
+        let gateway_of = set
+            .routes
+            .iter()
+            .filter_map(|r| mesh_gateway(&r.spec).map(|g| (r.spec.host.to_ascii_lowercase(), g)))
+            .collect();
+        RouteTable { gateway_of }
+    }
+
+    pub fn hosts(&self) -> Vec<String> {
+        self.gateway_of.keys().cloned().collect()
+    }
+}
+
+/// Loads routes from a directory; errors are problems with file and field.
+pub fn load(dir: &Path) -> Result<RouteTable, Vec<Problem>> {
+    let (set, problems) = ResourceSet::load_dir(dir).map_err(|e| {
+        vec![Problem {
+            severity: Severity::Error,
+            file: dir.to_owned(),
+            resource: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        }]
+    })?;
+    // The agent only needs routes; problems in other kinds are the gateway's.
+    let route_errors: Vec<Problem> = problems
+        .into_iter()
+        .filter(|p| {
+            p.severity == Severity::Error && p.resource.as_deref().is_none_or(|r| r.starts_with("LLMRoute"))
+        })
+        .collect();
+    if !route_errors.is_empty() {
+        return Err(route_errors);
+    }
+    Ok(RouteTable::from_set(&set))
+}
+
+pub struct Routes {
+    dir: Option<PathBuf>,
+    table: RwLock<RouteTable>,
+    stamp: RwLock<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+}
+
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    let m = e.metadata().ok();
+                    (
+                        e.path(),
+                        m.as_ref().and_then(|m| m.modified().ok()),
+                        m.map(|m| m.len()).unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+impl Routes {
+    pub fn new(dir: Option<PathBuf>) -> Result<Routes, Vec<Problem>> {
+        let (table, stamp) = match &dir {
+            Some(d) => (load(d)?, fingerprint(d)),
+            None => (RouteTable::default(), vec![]),
+        };
+        Ok(Routes {
+            dir,
+            table: RwLock::new(table),
+            stamp: RwLock::new(stamp),
+        })
+    }
+
+    pub fn table(&self) -> RouteTable {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn gateway_for(&self, host: &str) -> Option<String> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .gateway_of
+            .get(&host.to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// Re-reads the directory if it changed; returns the new table then.
+    pub fn check(&self) -> Option<RouteTable> {
+        let dir = self.dir.as_ref()?;
+        let now = fingerprint(dir);
+        if *self.stamp.read().unwrap_or_else(|p| p.into_inner()) == now {
+            return None;
+        }
+        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = now;
+        match load(dir) {
+            Ok(t) => {
+                tracing::info!(routes = ?t.gateway_of, "LLMRoute resources reloaded");
+                *self.table.write().unwrap_or_else(|p| p.into_inner()) = t.clone();
+                Some(t)
+            }
+            Err(problems) => {
+                for p in problems {
+                    tracing::warn!(problem = %p, "LLMRoute change rejected; keeping the previous routes");
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_route_captures_dashscope_and_tunnels_to_the_egress_gateway() {
+        let t = load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples"
+        )))
+        .unwrap();
+        assert_eq!(t.hosts(), ["dashscope.aliyuncs.com"]);
+        assert_eq!(
+            t.gateway_of["dashscope.aliyuncs.com"],
+            "istio-egressgateway.istio-system.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn routes_not_for_the_mesh_are_not_captured() {
+        let mut set = ResourceSet::default();
+        let p = set.add_text(
+            Path::new("r.yaml"),
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: gw-only}\nspec:\n  host: a.example\n  gateways: [istio-system/egress-gw]\n  rules: [{backendRefs: [{providerHost: a.example}]}]\n---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: implicit-mesh}\nspec:\n  host: B.example\n  rules: [{backendRefs: [{providerHost: gw.example}]}]\n",
+        );
+        assert!(p.is_empty(), "{p:?}");
+        let t = RouteTable::from_set(&set);
+        assert_eq!(t.hosts(), ["b.example"]);
+        assert_eq!(t.gateway_of["b.example"], "gw.example");
+    }
+}

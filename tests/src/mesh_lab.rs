@@ -1,0 +1,186 @@
+//! The whole path on top of the capture lab: certificates from the gateway's
+//! `certs` command, the seed's resources, an OpenAI-compatible HTTPS
+//! provider answering as dashscope.aliyuncs.com in the "internet", the
+//! egress gateway in its own namespace, and the agent tunnelling to it.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use llm_egress_mesh::{certs, identity::SpiffeId};
+
+use crate::{
+    env,
+    gateway_lab::{examples_dir, SEED_FILES},
+    process::{wait_for, Daemon, Place},
+    topology::{CaptureLab, LLM_V4, SEED_HOST},
+};
+
+impl CaptureLab {
+    pub fn certs(&self) -> PathBuf {
+        self.workdir.path().join("certs")
+    }
+
+    /// The gateway's watched resource directory (the agent reads its routes too).
+    pub fn config(&self) -> PathBuf {
+        self.workdir.path().join("config")
+    }
+
+    /// Issues certificates, starts provider and gateway, and (re)starts the
+    /// agent in tunnel mode.
+    pub fn start_mesh(&mut self) {
+        let out = Command::new(env::gateway_bin())
+            .args(["certs", "--out"])
+            .arg(self.certs())
+            .args(["--workload", "default/sleep"])
+            .output()
+            .expect("running llm-egress-gateway certs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ca = certs::Pem {
+            cert: std::fs::read_to_string(self.certs().join("ca.pem")).unwrap(),
+            key: std::fs::read_to_string(self.certs().join("ca-key.pem")).unwrap(),
+        };
+        let provider = certs::issue(
+            &ca,
+            &SpiffeId::parse("spiffe://provider.test/dashscope").unwrap(),
+            &[SEED_HOST.to_string()],
+        )
+        .unwrap();
+        certs::write(&self.certs(), "provider", &provider).unwrap();
+        std::fs::create_dir_all(self.config()).unwrap();
+        for f in SEED_FILES {
+            std::fs::copy(examples_dir().join(f), self.config().join(f)).unwrap();
+        }
+        self.start_provider();
+        self.start_gateway();
+        self.stop_agent();
+        self.tunnel = true;
+        self.start_agent();
+    }
+
+    pub fn start_provider(&mut self) {
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            format!("{LLM_V4}:443"),
+            "--cert".into(),
+            self.certs().join("provider.pem").display().to_string(),
+            "--key".into(),
+            self.certs().join("provider-key.pem").display().to_string(),
+            "--log".into(),
+            self.workdir.path().join("provider.jsonl").display().to_string(),
+        ];
+        let p = Daemon::start_with_env(
+            "provider",
+            &Place {
+                netns: Some(&self.internet),
+                cgroup: None,
+            },
+            &env::tests_bin("llm-egress-fake-provider"),
+            &args,
+            &[("PROVIDER_API_KEY", self.api_key.as_str())],
+            self.workdir.path(),
+        );
+        self.provider = Some(p);
+        wait_for("the provider", Duration::from_secs(10), || {
+            self.provider.as_ref()?.logs().contains("listening").then_some(())
+        });
+    }
+
+    pub fn gateway_args(&self) -> Vec<String> {
+        let c = |f: &str| self.certs().join(f).display().to_string();
+        vec![
+            "--log-format".into(),
+            "json".into(),
+            "run".into(),
+            "--config".into(),
+            self.config().display().to_string(),
+            "--tls-cert".into(),
+            c("gateway.pem"),
+            "--tls-key".into(),
+            c("gateway-key.pem"),
+            "--trust-bundle".into(),
+            c("ca.pem"),
+            "--tunnel-listen".into(),
+            "0.0.0.0:15008".into(),
+            "--admin".into(),
+            "127.0.0.1:15020".into(),
+            "--upstream-ca".into(),
+            c("ca.pem"),
+        ]
+    }
+
+    pub fn start_gateway(&mut self) {
+        let g = Daemon::start_with_env(
+            "gateway",
+            &Place {
+                netns: Some(&self.gw),
+                cgroup: None,
+            },
+            &env::gateway_bin(),
+            &self.gateway_args(),
+            &[("API_KEY", self.api_key.as_str())],
+            self.workdir.path(),
+        );
+        self.gateway = Some(g);
+        wait_for("the gateway", Duration::from_secs(15), || {
+            if let Some(g) = self.gateway.as_mut() {
+                g.assert_running();
+            }
+            self.gateway
+                .as_ref()?
+                .logs()
+                .contains("admin endpoint listening")
+                .then_some(())
+        });
+    }
+
+    pub fn stop_gateway(&mut self) {
+        if let Some(mut g) = self.gateway.take() {
+            g.stop();
+        }
+    }
+
+    pub fn gateway_logs(&self) -> String {
+        self.gateway.as_ref().map(|g| g.logs()).unwrap_or_else(|| {
+            std::fs::read_to_string(self.workdir.path().join("gateway.log")).unwrap_or_default()
+        })
+    }
+
+    pub fn provider_requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.workdir.path().join("provider.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Writes a resource into the gateway's watched directory.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        let tmp = self.config().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.config().join(name)).unwrap();
+    }
+
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.config().join(name));
+    }
+
+    /// The seed's Step 4 curl, run in the pod's namespace and `cgroup`, with
+    /// extra curl arguments. Returns (exit code, stdout, stderr).
+    pub fn seed_curl(&self, cgroup: &std::path::Path, extra: &[&str]) -> (Option<i32>, String, String) {
+        let mut args = vec![
+            "-sS",
+            "--location",
+            "http://dashscope.aliyuncs.com",
+            "--header",
+            "Content-Type: application/json",
+            "--data",
+            crate::gateway_lab::SEED_BODY,
+        ];
+        args.extend_from_slice(extra);
+        let out = self.curl_in(&self.pod, Some(cgroup), &args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
