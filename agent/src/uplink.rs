@@ -17,8 +17,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::TunnelConfig;
 
-/// Streams allowed at once across all gateways.
-pub const MAX_STREAMS: usize = 4096;
+/// Streams allowed at once across all gateways: what one tunnel
+/// connection may carry.
+pub const MAX_STREAMS: usize = llm_egress_mesh::tunnel::MAX_STREAMS_PER_CONNECTION as usize;
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]

@@ -154,6 +154,11 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.extractor.feed(data);
                 }
+                // hyper stops polling once a body reports its end, so the
+                // last frame is where a complete response is accounted.
+                if this.inner.is_end_stream() {
+                    this.complete(true);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {

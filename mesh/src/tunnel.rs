@@ -25,6 +25,11 @@ pub const HEADER_SERVICE_ACCOUNT: &str = "x-llm-egress-service-account";
 pub const HEADER_POD: &str = "x-llm-egress-pod";
 pub const HEADER_NODE: &str = "x-llm-egress-node";
 
+/// Streams one tunnel connection may carry at once. hyper's default (200)
+/// would cap a node at 200 concurrent captured connections, since an agent
+/// multiplexes all of them on one connection per gateway.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16384;
+
 /// A tunnelled byte stream.
 pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
 
@@ -199,6 +204,7 @@ where
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .serve_connection(TokioIo::new(io), service)
         .await

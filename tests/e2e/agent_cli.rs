@@ -37,6 +37,8 @@ fn base_args<'a>(workloads: &'a str, cgroup_root: &'a str, bpffs: &'a str) -> Ve
         "127.0.0.1:0",
         "--proxy-listen",
         "127.0.0.1:0",
+        "--mode",
+        "direct",
     ]
 }
 

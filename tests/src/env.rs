@@ -24,7 +24,7 @@ pub fn target_dir() -> PathBuf {
 pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("LLM_EGRESS_AGENT_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("debug/llm-egress-agent"));
+        .unwrap_or_else(|| bin_dir().join("llm-egress-agent"));
     assert!(
         path.exists(),
         "{} is missing: build it first (`cargo build -p llm-egress-agent`) or run `cargo xtask test`",
@@ -43,7 +43,7 @@ pub fn unique_id() -> String {
 
 /// A binary of this crate (built alongside its integration tests).
 pub fn tests_bin(name: &str) -> PathBuf {
-    let path = target_dir().join("debug").join(name);
+    let path = bin_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build it first (`cargo build -p llm-egress-tests`) or run `cargo xtask test`",
@@ -56,7 +56,7 @@ pub fn tests_bin(name: &str) -> PathBuf {
 pub fn gateway_bin() -> PathBuf {
     let path = std::env::var_os("LLM_EGRESS_GATEWAY_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("debug/llm-egress-gateway"));
+        .unwrap_or_else(|| bin_dir().join("llm-egress-gateway"));
     assert!(
         path.exists(),
         "{} is missing: build it first (`cargo build -p llm-egress-gateway`) or run `cargo xtask test`",
@@ -76,4 +76,12 @@ pub fn loopback_ip() -> std::net::Ipv4Addr {
         (n / 250) as u8,
         (n % 250 + 1) as u8,
     )
+}
+
+/// Where the binaries are: `LLM_EGRESS_BIN_DIR` (benchmarks use a release
+/// build), or the debug build.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("LLM_EGRESS_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug"))
 }

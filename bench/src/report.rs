@@ -1,0 +1,184 @@
+//! The report: a Markdown table on stdout, JSON and a PNG chart under
+//! `target/bench/`.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+fn version_of(cmd: &Path, arg: &str) -> String {
+    std::process::Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+pub fn versions(envoy: &Path) -> Value {
+    json!({
+        "llm-egress": env!("CARGO_PKG_VERSION"),
+        "envoy": version_of(envoy, "--version"),
+        "nginx": version_of(Path::new("/usr/sbin/nginx"), "-v"),
+    })
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1000.0)
+}
+
+pub const PATHS: [&str; 4] = ["direct", "llm-egress", "envoy", "nginx"];
+
+pub fn markdown(r: &Value) -> String {
+    let mut out = String::new();
+    let m = &r["machine"];
+    out.push_str(&format!(
+        "Measured {} on {} cores ({}), kernel {}; steal {:.1}% during the run; {} round(s), fixed rate {} req/s for {} s, ~{} B requests, ~1 KiB responses. Versions: llm-egress {}, {}, {}.\n\n",
+        r["date"].as_str().unwrap_or(""),
+        m["cores"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        f(&r["steal_percent"]),
+        r["options"]["rounds"],
+        r["options"]["rate"],
+        r["options"]["seconds"],
+        r["options"]["request_bytes"],
+        r["versions"]["llm-egress"].as_str().unwrap_or(""),
+        r["versions"]["envoy"].as_str().unwrap_or(""),
+        r["versions"]["nginx"].as_str().unwrap_or(""),
+    ));
+    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 64 conns | new conn/s | CPU s per 1k req | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let p = &r["paths"];
+    let direct = &p["direct"];
+    let envoy = &p["envoy"];
+    for name in PATHS {
+        let x = &p[name];
+        if x.is_null() {
+            continue;
+        }
+        let rss: f64 = x["peak_rss_kb"]
+            .as_object()
+            .map(|o| o.values().map(f).sum())
+            .unwrap_or(0.0);
+        let procs: Vec<String> = x["peak_rss_kb"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| format!("{k} {:.1}", f(v) / 1024.0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} / {} | {:.2}× | {:.2}× | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} / {} |\n",
+            ms(f(&x["p50_us"])),
+            ms(f(&x["p90_us"])),
+            ms(f(&x["p99_us"])),
+            ms(f(&x["p999_us"])),
+            ms(f(&x["p50_us"]) - f(&direct["p50_us"])),
+            ms(f(&x["p99_us"]) - f(&direct["p99_us"])),
+            f(&x["p50_us"]) / f(&direct["p50_us"]).max(1.0),
+            f(&x["p50_us"]) / f(&envoy["p50_us"]).max(1.0),
+            f(&x["sat_1"]),
+            f(&x["sat_16"]),
+            f(&x["sat_64"]),
+            f(&x["newconn_rps"]),
+            if x["cpu_s_per_1k"].is_null() { "-".to_string() } else { format!("{:.3}", f(&x["cpu_s_per_1k"])) },
+            if procs.is_empty() { "-".to_string() } else { format!("{:.1} ({})", rss / 1024.0, procs.join(", ")) },
+            ms(f(&x["ttfb_p50_us"])),
+            ms(f(&x["gap_p50_us"])),
+            ms(f(&x["gap_p99_us"])),
+        ));
+    }
+    let a = &r["agent_memory"];
+    out.push_str(&format!(
+        "\nAgent RSS: {}\n",
+        a.as_object()
+            .map(|o| o
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default()
+    ));
+    let c = &r["connect_ns"];
+    out.push_str("\n| connect() (non-blocking, µs) | p50 | p99 |\n|---|---|---|\n");
+    for (k, label) in [
+        ("no_program", "no program attached"),
+        ("hook_non_target", "hook, destination not a target"),
+        ("hook_target_not_enrolled", "hook, target, workload not enrolled"),
+        ("hook_captured", "hook, captured (rewritten to the agent)"),
+    ] {
+        out.push_str(&format!(
+            "| {label} | {:.1} | {:.1} |\n",
+            f(&c[k]["p50_ns"]) / 1000.0,
+            f(&c[k]["p99_ns"]) / 1000.0
+        ));
+    }
+    out
+}
+
+/// Writes results.json, results.md and (with matplotlib) chart.png.
+pub fn write(r: &Value, dir: &Path) -> anyhow::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let mut notes = Vec::new();
+    let json_path = dir.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(r)?)?;
+    std::fs::write(dir.join("results.md"), markdown(r))?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("chart.py");
+    let png = dir.join("chart.png");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&json_path)
+        .arg(&png)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => notes.push(format!("chart: {}", png.display())),
+        Ok(o) => notes.push(format!(
+            "no chart ({}): install matplotlib (cargo xtask setup --bench)",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        )),
+        Err(e) => notes.push(format!("no chart: python3: {e}")),
+    }
+    notes.push(format!("json: {}", json_path.display()));
+    Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_has_a_row_per_path_and_ratios() {
+        let path = |p50: f64| json!({"p50_us": p50, "p90_us": p50, "p99_us": p50 * 2.0, "p999_us": p50 * 3.0, "sat_1": 100.0, "sat_16": 1000.0, "sat_64": 2000.0, "newconn_rps": 50.0, "cpu_s_per_1k": 0.1, "peak_rss_kb": {"proxy": 2048}, "ttfb_p50_us": 1000.0, "gap_p50_us": 5000.0, "gap_p99_us": 6000.0});
+        let r = json!({
+            "date": "d", "machine": {"cores": 2, "kernel": "k", "cpu": "c"}, "steal_percent": 0.5,
+            "options": {"rounds": 1, "rate": 100, "seconds": 1, "request_bytes": 1000},
+            "versions": {"llm-egress": "0", "envoy": "e", "nginx": "n"},
+            "paths": {"direct": path(1000.0), "llm-egress": path(1500.0), "envoy": path(3000.0), "nginx": path(1200.0)},
+            "agent_memory": {"idle_kb": 1}, "connect_ns": {}
+        });
+        let md = markdown(&r);
+        assert_eq!(
+            md.lines().filter(|l| l.starts_with("| ")).count(),
+            1 + 4 + 1 + 4,
+            "{md}"
+        );
+        assert!(md.contains("| llm-egress | 1.50 |"), "{md}");
+        assert!(md.contains("1.50× | 0.50×"), "{md}");
+        assert!(md.contains("| 0.50 / 1.00 |"), "{md}");
+    }
+}
