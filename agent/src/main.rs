@@ -167,19 +167,6 @@ fn fail(code: u8, error: impl Into<anyhow::Error>) -> Failure {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// A proxy holds one descriptor per captured connection: lift the soft
 /// open-files limit (often 1024) to the hard one.
 fn raise_nofile_limit() {
@@ -199,7 +186,7 @@ fn raise_nofile_limit() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_nofile_limit();
-    init_logging(cli.log_format);
+    llm_egress_mesh::process::init_logging(matches!(cli.log_format, LogFormat::Json));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -373,7 +360,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
 
     tokio::select! {
         r = admin => r.context("admin endpoint failed")?,
-        _ = shutdown_signal() => {
+        _ = llm_egress_mesh::process::shutdown_signal() => {
             // Stop accepting, then let open connections finish.
             for l in &accept_loops {
                 l.abort();
@@ -393,16 +380,4 @@ fn capture_hosts(configured: &[String], table: &routes::RouteTable) -> Vec<Strin
     let mut hosts = configured.to_vec();
     hosts.extend(table.hosts().into_iter().filter(|h| !configured.contains(h)));
     hosts
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -7,10 +7,9 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::RwLock,
-    time::SystemTime,
 };
 
-use llm_egress_mesh::resources::{LlmRouteSpec, Problem, ResourceSet, Severity};
+use llm_egress_mesh::resources::{fingerprint, Fingerprint, LlmRouteSpec, Problem, ResourceSet, Severity};
 
 /// Host → gateway name, for routes that apply to the mesh.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,32 +79,13 @@ pub fn load(dir: &Path) -> Result<RouteTable, Vec<Problem>> {
 pub struct Routes {
     dir: Option<PathBuf>,
     table: RwLock<RouteTable>,
-    stamp: RwLock<Vec<(PathBuf, Option<SystemTime>, u64)>>,
-}
-
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| {
-                    let m = e.metadata().ok();
-                    (
-                        e.path(),
-                        m.as_ref().and_then(|m| m.modified().ok()),
-                        m.map(|m| m.len()).unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    stamp: RwLock<Fingerprint>,
 }
 
 impl Routes {
     pub fn new(dir: Option<PathBuf>) -> Result<Routes, Vec<Problem>> {
         let (table, stamp) = match &dir {
-            Some(d) => (load(d)?, fingerprint(d)),
+            Some(d) => (load(d)?, fingerprint(d, &[])),
             None => (RouteTable::default(), vec![]),
         };
         Ok(Routes {
@@ -131,7 +111,7 @@ impl Routes {
     /// Re-reads the directory if it changed; returns the new table then.
     pub fn check(&self) -> Option<RouteTable> {
         let dir = self.dir.as_ref()?;
-        let now = fingerprint(dir);
+        let now = fingerprint(dir, &[]);
         if *self.stamp.read().unwrap_or_else(|p| p.into_inner()) == now {
             return None;
         }

@@ -28,6 +28,9 @@ pub struct Options {
     pub rate: u32,
     pub seconds: f64,
     pub out: PathBuf,
+    /// Record a CPU profile (perf, cpu-clock) of the agent and gateway
+    /// during llm-egress's 16-connection saturation run.
+    pub profile: bool,
 }
 
 /// One way from the client to the provider.
@@ -114,12 +117,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Samples the given processes' stacks while a run is under way.
+fn start_perf(procs: &[(&str, u32)], seconds: f64, out: &Path) -> Option<std::process::Child> {
+    let pids: Vec<String> = procs.iter().map(|(_, p)| p.to_string()).collect();
+    std::process::Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "499", "-g", "-o"])
+        .arg(out.join("perf.data"))
+        .args(["-p", &pids.join(","), "--", "sleep", &format!("{seconds}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("bench: no profile (perf: {e}); install linux-perf"))
+        .ok()
+}
+
+fn finish_perf(mut child: std::process::Child, out: &Path) -> anyhow::Result<()> {
+    child.wait()?;
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "comm,symbol",
+            "--percent-limit",
+            "1",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(out.join("perf.data"))
+        .output()?;
+    std::fs::write(out.join("profile.txt"), &report.stdout)?;
+    println!(
+        "bench: CPU profile of agent and gateway in {}",
+        out.join("profile.txt").display()
+    );
+    Ok(())
+}
+
 pub fn run(opts: &Options) -> anyhow::Result<Value> {
     std::fs::create_dir_all(&opts.out)?;
     let steal_before = procstat::steal()?;
     let started = std::time::Instant::now();
 
     println!("bench: setting up the namespaces, the provider, llm-egress, Envoy and nginx");
+    // Access logs off on every path alike (Envoy and nginx are configured so).
+    std::env::set_var("RUST_LOG", "warn");
     let mut lab = CaptureLab::new();
     lab.provider_extra = [
         "--answer-bytes",
@@ -325,7 +369,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
                     sat_seconds.to_string(),
                 ];
                 a.extend(target_args(p, &p.body));
+                let perf = (opts.profile && round == 0 && *c == 16 && p.name == "llm-egress")
+                    .then(|| start_perf(&p.procs, sat_seconds, &opts.out))
+                    .flatten();
                 let v = run_loadgen(&lab, &p.cgroup, &a, Duration::from_secs(60))?;
+                if let Some(child) = perf {
+                    finish_perf(child, &opts.out)?;
+                }
                 put(&format!("sat_{c}"), v["rps"].as_f64().unwrap_or(0.0));
             }
             let mut a = vec![

@@ -6,13 +6,13 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use llm_egress_mesh::resources::{
-    AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
-    ResourceSet, Severity,
+    fingerprint, AuthorizationPolicySpec, Fingerprint, LlmProviderSpec, LlmRouteSpec, Named, Problem,
+    RequestAuthenticationSpec, ResourceSet, Severity,
 };
 
 use crate::secrets::{self, Secret};
@@ -125,25 +125,6 @@ pub fn compile(
     Ok(compiled)
 }
 
-/// Files whose change must trigger a reload: the directory's YAML files
-/// and every key file they reference.
-fn fingerprint(dir: &Path, key_files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    files.extend(key_files.iter().cloned());
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            let meta = std::fs::metadata(&f).ok();
-            let modified = meta.as_ref().and_then(|m| m.modified().ok());
-            let len = meta.map(|m| m.len()).unwrap_or(0);
-            (f, modified, len)
-        })
-        .collect()
-}
-
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReloadStatus {
     pub loaded: bool,
@@ -159,7 +140,8 @@ pub struct ConfigSource {
     me: GatewayIdentity,
     current: ArcSwap<Compiled>,
     status: Mutex<ReloadStatus>,
-    stamp: Mutex<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    /// The directory and referenced key files as last loaded.
+    stamp: Mutex<Fingerprint>,
     key_files: Mutex<Vec<PathBuf>>,
 }
 

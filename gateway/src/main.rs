@@ -164,22 +164,9 @@ fn identity(args: &IdentityArgs) -> GatewayIdentity {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    llm_egress_mesh::process::init_logging(matches!(cli.log_format, LogFormat::Json));
     let result = match cli.command {
         Command::Validate(args) => return validate(args),
         Command::Certs(args) => make_certs(args),
@@ -330,20 +317,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(gateways = ?cfg.gateway_names, routes = cfg.routes.len(), providers = cfg.providers.len(), policies = cfg.policies.len(), "configuration loaded");
     tokio::select! {
         r = axum::serve(admin, admin::router(gw)) => r.context("admin endpoint failed")?,
-        _ = shutdown() => tracing::info!("shutting down"),
+        _ = llm_egress_mesh::process::shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
-}
-
-async fn shutdown() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => std::future::pending().await,
-    }
 }

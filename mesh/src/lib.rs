@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod identity;
+pub mod process;
 pub mod resources;
 pub mod tls;
 pub mod tunnel;

@@ -766,6 +766,27 @@ impl ResourceSet {
     }
 }
 
+/// What a watcher compares to notice a change: every file of a directory
+/// (and any extra files, such as mounted keys) with its mtime and size.
+pub type Fingerprint = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
+
+pub fn fingerprint(dir: &Path, extra: &[PathBuf]) -> Fingerprint {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.extend(extra.iter().cloned());
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map(|m| m.len()).unwrap_or(0);
+            (f, modified, len)
+        })
+        .collect()
+}
+
 /// Condition keys of `when` that the gateway evaluates.
 pub fn condition_key_supported(key: &str) -> bool {
     let bracketed = |prefix: &str| {

@@ -92,37 +92,7 @@ impl GatewayLab {
             api_key,
         };
 
-        let out = Command::new(env::gateway_bin())
-            .args(["certs", "--out"])
-            .arg(lab.certs())
-            .args([
-                "--gateway-dns",
-                "localhost",
-                "--workload",
-                "default/sleep",
-                "--workload",
-                "default/other",
-            ])
-            .output()
-            .expect("running llm-egress-gateway certs");
-        assert!(
-            out.status.success(),
-            "certs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The provider's certificate, from the same CA, for the provider host.
-        let ca = certs::Pem {
-            cert: std::fs::read_to_string(lab.certs().join("ca.pem")).unwrap(),
-            key: std::fs::read_to_string(lab.certs().join("ca-key.pem")).unwrap(),
-        };
-        let provider_cert = certs::issue(
-            &ca,
-            &SpiffeId::parse("spiffe://provider.test/dashscope").unwrap(),
-            &[PROVIDER_HOST.to_string()],
-        )
-        .unwrap();
-        certs::write(&lab.certs(), "provider", &provider_cert).unwrap();
-
+        issue_certs(&lab.certs(), &["default/sleep", "default/other"], &["localhost"]);
         std::fs::create_dir_all(lab.config()).unwrap();
         for f in SEED_FILES {
             std::fs::copy(examples_dir().join(f), lab.config().join(f)).unwrap();
@@ -133,28 +103,15 @@ impl GatewayLab {
     }
 
     pub fn start_provider(&mut self) {
-        let args: Vec<String> = vec![
-            "--listen".into(),
-            format!("{}:443", self.ip),
-            "--cert".into(),
-            self.certs().join("provider.pem").display().to_string(),
-            "--key".into(),
-            self.certs().join("provider-key.pem").display().to_string(),
-            "--log".into(),
-            self.dir.path().join("provider.jsonl").display().to_string(),
-        ];
-        let p = Daemon::start_with_env(
-            "provider",
+        let listen = format!("{}:443", self.ip);
+        self.provider = Some(spawn_provider(
             &Place::default(),
-            &env::tests_bin("llm-egress-fake-provider"),
-            &args,
-            &[("PROVIDER_API_KEY", self.api_key.as_str())],
+            &listen,
+            &self.certs(),
             self.dir.path(),
-        );
-        self.provider = Some(p);
-        wait_for("the provider", Duration::from_secs(10), || {
-            self.provider.as_ref()?.logs().contains("listening").then_some(())
-        });
+            &self.api_key,
+            &[],
+        ));
     }
 
     pub fn stop_provider(&mut self) {
@@ -214,11 +171,7 @@ impl GatewayLab {
     }
 
     pub fn provider_requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("provider.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        provider_requests(self.dir.path())
     }
 
     /// Writes (or replaces) a policy file in the watched directory.
@@ -268,6 +221,82 @@ impl Default for GatewayLab {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Issues a lab's certificates into `dir`: `llm-egress-gateway certs` (CA,
+/// gateway, agent and `workloads`), plus the provider's certificate for
+/// dashscope.aliyuncs.com from the same CA.
+pub fn issue_certs(dir: &Path, workloads: &[&str], gateway_dns: &[&str]) {
+    let mut cmd = Command::new(env::gateway_bin());
+    cmd.args(["certs", "--out"]).arg(dir);
+    for w in workloads {
+        cmd.args(["--workload", w]);
+    }
+    for d in gateway_dns {
+        cmd.args(["--gateway-dns", d]);
+    }
+    let out = cmd.output().expect("running llm-egress-gateway certs");
+    assert!(
+        out.status.success(),
+        "certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca = certs::Pem {
+        cert: std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        key: std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+    };
+    let provider = certs::issue(
+        &ca,
+        &SpiffeId::parse("spiffe://provider.test/dashscope").unwrap(),
+        &[PROVIDER_HOST.to_string()],
+    )
+    .unwrap();
+    certs::write(dir, "provider", &provider).unwrap();
+}
+
+/// Starts the OpenAI-compatible test provider on `listen` (port 443), with
+/// the certificate from `issue_certs`, expecting `key`, logging requests to
+/// `<log_dir>/provider.jsonl`.
+pub fn spawn_provider(
+    place: &Place,
+    listen: &str,
+    certs: &Path,
+    log_dir: &Path,
+    key: &str,
+    extra: &[String],
+) -> Daemon {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        listen.into(),
+        "--cert".into(),
+        certs.join("provider.pem").display().to_string(),
+        "--key".into(),
+        certs.join("provider-key.pem").display().to_string(),
+        "--log".into(),
+        log_dir.join("provider.jsonl").display().to_string(),
+    ];
+    args.extend(extra.iter().cloned());
+    let p = Daemon::start_with_env(
+        "provider",
+        place,
+        &env::tests_bin("llm-egress-fake-provider"),
+        &args,
+        &[("PROVIDER_API_KEY", key)],
+        log_dir,
+    );
+    wait_for("the provider", Duration::from_secs(10), || {
+        p.logs().contains("listening").then_some(())
+    });
+    p
+}
+
+/// Requests the test provider logged under `log_dir`.
+pub fn provider_requests(log_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log_dir.join("provider.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 pub fn identity(ns: &str, sa: &str) -> WorkloadIdentity {

@@ -3,15 +3,13 @@
 //! provider answering as dashscope.aliyuncs.com in the "internet", the
 //! egress gateway in its own namespace, and the agent tunnelling to it.
 
-use std::{path::PathBuf, process::Command, time::Duration};
-
-use llm_egress_mesh::{certs, identity::SpiffeId};
+use std::{path::PathBuf, time::Duration};
 
 use crate::{
     env,
-    gateway_lab::{examples_dir, SEED_FILES},
+    gateway_lab::{examples_dir, issue_certs, provider_requests, spawn_provider, SEED_FILES},
     process::{wait_for, Daemon, Place},
-    topology::{CaptureLab, LLM_V4, SEED_HOST},
+    topology::{CaptureLab, LLM_V4},
 };
 
 impl CaptureLab {
@@ -27,24 +25,7 @@ impl CaptureLab {
     /// Issues certificates, starts provider and gateway, and (re)starts the
     /// agent in tunnel mode.
     pub fn start_mesh(&mut self) {
-        let out = Command::new(env::gateway_bin())
-            .args(["certs", "--out"])
-            .arg(self.certs())
-            .args(["--workload", "default/sleep"])
-            .output()
-            .expect("running llm-egress-gateway certs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let ca = certs::Pem {
-            cert: std::fs::read_to_string(self.certs().join("ca.pem")).unwrap(),
-            key: std::fs::read_to_string(self.certs().join("ca-key.pem")).unwrap(),
-        };
-        let provider = certs::issue(
-            &ca,
-            &SpiffeId::parse("spiffe://provider.test/dashscope").unwrap(),
-            &[SEED_HOST.to_string()],
-        )
-        .unwrap();
-        certs::write(&self.certs(), "provider", &provider).unwrap();
+        issue_certs(&self.certs(), &["default/sleep"], &[]);
         std::fs::create_dir_all(self.config()).unwrap();
         for f in SEED_FILES {
             std::fs::copy(examples_dir().join(f), self.config().join(f)).unwrap();
@@ -57,34 +38,19 @@ impl CaptureLab {
     }
 
     pub fn start_provider(&mut self) {
-        let args: Vec<String> = vec![
-            "--listen".into(),
-            format!("{LLM_V4}:443"),
-            "--cert".into(),
-            self.certs().join("provider.pem").display().to_string(),
-            "--key".into(),
-            self.certs().join("provider-key.pem").display().to_string(),
-            "--log".into(),
-            self.workdir.path().join("provider.jsonl").display().to_string(),
-        ]
-        .into_iter()
-        .chain(self.provider_extra.iter().cloned())
-        .collect::<Vec<_>>();
-        let p = Daemon::start_with_env(
-            "provider",
-            &Place {
-                netns: Some(&self.internet),
-                cgroup: None,
-            },
-            &env::tests_bin("llm-egress-fake-provider"),
-            &args,
-            &[("PROVIDER_API_KEY", self.api_key.as_str())],
+        let place = Place {
+            netns: Some(&self.internet),
+            cgroup: None,
+        };
+        let p = spawn_provider(
+            &place,
+            &format!("{LLM_V4}:443"),
+            &self.certs(),
             self.workdir.path(),
+            &self.api_key,
+            &self.provider_extra,
         );
         self.provider = Some(p);
-        wait_for("the provider", Duration::from_secs(10), || {
-            self.provider.as_ref()?.logs().contains("listening").then_some(())
-        });
     }
 
     pub fn gateway_args(&self) -> Vec<String> {
@@ -148,11 +114,7 @@ impl CaptureLab {
     }
 
     pub fn provider_requests(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.workdir.path().join("provider.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        provider_requests(self.workdir.path())
     }
 
     /// Writes a resource into the gateway's watched directory.

@@ -53,6 +53,9 @@ enum Cmd {
         /// Seconds of each fixed-rate measurement.
         #[arg(long)]
         seconds: Option<f64>,
+        /// Also record a CPU profile of the agent and gateway (needs perf).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -110,12 +113,24 @@ fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
     run(cargo().args(["test", "-p", "llm-egress-tests", "--"]).args(&args))
 }
 
-fn bench(
+struct BenchArgs {
     quick: bool,
     release: bool,
     rounds: Option<usize>,
     rate: Option<u32>,
     seconds: Option<f64>,
+    profile: bool,
+}
+
+fn bench(
+    BenchArgs {
+        quick,
+        release,
+        rounds,
+        rate,
+        seconds,
+        profile,
+    }: BenchArgs,
 ) -> anyhow::Result<()> {
     setup::setup(true)?;
     setup::bench_peers()?;
@@ -156,6 +171,7 @@ fn bench(
         rate: rate.unwrap_or(if quick { 200 } else { 1000 }),
         seconds: seconds.unwrap_or(if quick { 2.0 } else { 10.0 }),
         out: target.join("bench"),
+        profile,
     };
     let report = llm_egress_bench::run(&opts)?;
     println!("\n{}", llm_egress_bench::report::markdown(&report));
@@ -195,6 +211,14 @@ fn main() -> anyhow::Result<()> {
             rounds,
             rate,
             seconds,
-        } => bench(quick, release, rounds, rate, seconds),
+            profile,
+        } => bench(BenchArgs {
+            quick,
+            release,
+            rounds,
+            rate,
+            seconds,
+            profile,
+        }),
     }
 }

@@ -130,20 +130,25 @@ fn packages() -> anyhow::Result<()> {
         bail!("missing packages {missing:?}; install them as root (`sudo apt-get install {}`) or run `sudo -E cargo xtask setup`", missing.join(" "));
     }
     println!("setup: installing Debian packages {missing:?}");
-    let install = |args: &[&str]| {
+    apt_install(&missing)?;
+    Ok(())
+}
+
+/// `apt-get install`, refreshing the package lists once if that fails
+/// (a fresh machine's lists may be stale or absent).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let install = || {
         Command::new("apt-get")
-            .args(args)
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
     };
-    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
-    args.extend(&missing);
-    if !install(&args) {
-        // A fresh machine's package lists may be stale or absent.
+    if !install() {
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        if !install(&args) {
-            bail!("apt-get install {} failed", missing.join(" "));
+        if !install() {
+            bail!("apt-get install {} failed", packages.join(" "));
         }
     }
     Ok(())
@@ -181,19 +186,7 @@ pub fn bench_peers() -> anyhow::Result<()> {
     }
     if !std::path::Path::new("/usr/sbin/nginx").exists() {
         println!("setup: installing nginx-light (benchmark peer)");
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends", "nginx-light"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            run(Command::new("apt-get").args(["update", "-q"]))?;
-            if !install() {
-                bail!("apt-get install nginx-light failed");
-            }
-        }
+        apt_install(&["nginx-light"])?;
     }
     Ok(())
 }
