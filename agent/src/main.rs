@@ -39,6 +39,9 @@ struct Cli {
         env = "LLM_EGRESS_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Worker threads of the async runtime (default: one per CPU).
+    #[arg(long, global = true, env = "LLM_EGRESS_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -187,7 +190,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_nofile_limit();
     llm_egress_mesh::process::init_logging(matches!(cli.log_format, LogFormat::Json));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match llm_egress_mesh::process::runtime(cli.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

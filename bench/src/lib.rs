@@ -164,6 +164,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
     println!("bench: setting up the namespaces, the provider, llm-egress, Envoy and nginx");
     // Access logs off on every path alike (Envoy and nginx are configured so).
     std::env::set_var("RUST_LOG", "warn");
+    // One worker each, as Envoy runs with --concurrency 1 and nginx with one
+    // worker: a fair comparison on a small machine.
+    std::env::set_var("LLM_EGRESS_WORKER_THREADS", "1");
     let mut lab = CaptureLab::new();
     lab.provider_extra = [
         "--answer-bytes",
@@ -417,6 +420,31 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
         results.insert(p.name.to_string(), Value::Object(m));
     }
 
+    // connect() first: thousands of held connections being torn down would
+    // skew it.
+    println!("bench: the cost of connect() with the eBPF hook");
+    let count = if opts.quick { 200 } else { 2000 };
+    let connect = |cg: &Path, addr: &str| -> anyhow::Result<Value> {
+        run_loadgen(
+            &lab,
+            cg,
+            &[
+                "connect".into(),
+                "--addr".into(),
+                addr.into(),
+                "--count".into(),
+                count.to_string(),
+            ],
+            Duration::from_secs(60),
+        )
+    };
+    let connect_ns = json!({
+        "no_program": connect(&outside.path, &format!("{OTHER_V4}:80"))?,
+        "hook_non_target": connect(&lab.sleep_cgroup, &format!("{OTHER_V4}:80"))?,
+        "hook_target_not_enrolled": connect(&lab.other_cgroup, &format!("{LLM_V4}:80"))?,
+        "hook_captured": connect(&lab.sleep_cgroup, &format!("{LLM_V4}:80"))?,
+    });
+
     println!("bench: agent memory with open captured connections");
     let agent_pid = pid(&lab.agent);
     let mut agent_mem = serde_json::Map::new();
@@ -459,29 +487,6 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
         holder.stop();
         std::thread::sleep(Duration::from_secs(1));
     }
-
-    println!("bench: the cost of connect() with the eBPF hook");
-    let count = if opts.quick { 200 } else { 2000 };
-    let connect = |cg: &Path, addr: &str| -> anyhow::Result<Value> {
-        run_loadgen(
-            &lab,
-            cg,
-            &[
-                "connect".into(),
-                "--addr".into(),
-                addr.into(),
-                "--count".into(),
-                count.to_string(),
-            ],
-            Duration::from_secs(60),
-        )
-    };
-    let connect_ns = json!({
-        "no_program": connect(&outside.path, &format!("{OTHER_V4}:80"))?,
-        "hook_non_target": connect(&lab.sleep_cgroup, &format!("{OTHER_V4}:80"))?,
-        "hook_target_not_enrolled": connect(&lab.other_cgroup, &format!("{LLM_V4}:80"))?,
-        "hook_captured": connect(&lab.sleep_cgroup, &format!("{LLM_V4}:80"))?,
-    });
 
     let steal_after = procstat::steal()?;
     let report = json!({

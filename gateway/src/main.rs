@@ -47,6 +47,9 @@ struct Cli {
         env = "LLM_EGRESS_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Worker threads of the async runtime (default: one per CPU).
+    #[arg(long, global = true, env = "LLM_EGRESS_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -170,9 +173,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => return validate(args),
         Command::Certs(args) => make_certs(args),
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        Command::Run(args) => llm_egress_mesh::process::runtime(cli.worker_threads)
             .context("starting the async runtime")
             .and_then(|rt| rt.block_on(run(*args))),
     };

@@ -29,3 +29,14 @@ pub async fn shutdown_signal() {
         Err(_) => std::future::pending().await,
     }
 }
+
+/// A multi-threaded runtime with `workers` threads (default: one per CPU).
+/// On small nodes one worker avoids cross-thread wake-ups, which dominate a
+/// proxy's profile there.
+pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers.filter(|n| *n > 0) {
+        b.worker_threads(n);
+    }
+    b.enable_all().build()
+}

@@ -89,15 +89,13 @@ impl CaptureLab {
             self.workdir.path(),
         );
         self.gateway = Some(g);
+        // Ready when its admin endpoint answers (whatever the log level).
         wait_for("the gateway", Duration::from_secs(15), || {
             if let Some(g) = self.gateway.as_mut() {
                 g.assert_running();
             }
-            self.gateway
-                .as_ref()?
-                .logs()
-                .contains("admin endpoint listening")
-                .then_some(())
+            let out = self.curl_in(&self.gw, None, &["-sf", "http://127.0.0.1:15020/healthz"]);
+            out.status.success().then_some(())
         });
     }
 
