@@ -475,6 +475,20 @@ mode: direct
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let text = include_str!("../../deploy/agent/agent.yaml");
+        let cfg = Config::resolve(parse(text).unwrap(), Overrides::default()).unwrap();
+        assert_eq!(cfg.mode, Mode::Tunnel);
+        assert_eq!(cfg.resources, Some(PathBuf::from("deploy/examples")));
+        assert!(cfg
+            .tunnel
+            .unwrap()
+            .gateways
+            .contains_key("istio-egressgateway.istio-system.svc.cluster.local"));
+        assert_eq!(cfg.ports, [80, 443]);
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         let file = parse("  \n").unwrap();
         assert!(file.hosts.is_empty());

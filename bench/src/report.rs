@@ -24,10 +24,19 @@ fn version_of(cmd: &Path, arg: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `…envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL` → `envoy 1.40.0`.
+fn short_envoy_version(line: &str) -> String {
+    line.split("version: ")
+        .nth(1)
+        .and_then(|v| v.split('/').nth(1))
+        .map(|v| format!("envoy {v}"))
+        .unwrap_or_else(|| line.to_string())
+}
+
 pub fn versions(envoy: &Path) -> Value {
     json!({
         "llm-egress": env!("CARGO_PKG_VERSION"),
-        "envoy": version_of(envoy, "--version"),
+        "envoy": short_envoy_version(&version_of(envoy, "--version")),
         "nginx": version_of(Path::new("/usr/sbin/nginx"), "-v"),
     })
 }
