@@ -284,3 +284,45 @@ fn a_connection_without_capture_record_is_closed_not_forwarded() {
             .then_some(())
     });
 }
+
+#[test]
+fn a_host_that_does_not_resolve_is_retried_and_reported() {
+    let mut lab = CaptureLab::new();
+    lab.agent_extra = vec!["--host".into(), "missing.example.invalid".into()];
+    lab.start_agent();
+    let status = lab.status();
+    let missing = status["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["host"] == "missing.example.invalid")
+        .cloned()
+        .unwrap();
+    assert!(missing["addresses"].as_array().unwrap().is_empty());
+    assert!(
+        missing["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("missing.example.invalid")),
+        "{missing}"
+    );
+    // Still retried in the background.
+    let first = missing["attempts"].as_u64().unwrap();
+    wait_for("another resolution attempt", Duration::from_secs(10), || {
+        let s = lab.status();
+        let t = s["targets"]
+            .as_array()?
+            .iter()
+            .find(|t| t["host"] == "missing.example.invalid")?
+            .clone();
+        (t["attempts"].as_u64()? > first).then_some(())
+    });
+    let out = lab.curl_in(&lab.node, None, &["-s", &format!("http://{ADMIN}/readyz")]);
+    let readyz = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        readyz.starts_with("ready") && readyz.contains("warning: target missing.example.invalid"),
+        "{readyz}"
+    );
+    // The other host is captured as usual.
+    let answer = lab.fetch_from(&lab.sleep_cgroup, &["-4", &format!("http://{LLM_HOST}/")]);
+    assert_eq!(peer_ip(&answer), NODE_INET_V4);
+}

@@ -335,3 +335,69 @@ async fn tls_is_passed_through_by_sni_and_denied_by_an_l4_policy() {
     let metrics = lab.admin_get("/metrics").await;
     assert!(metrics.contains("llm_egress_gateway_passthrough_connections_total{principal=\"cluster.local/ns/default/sa/sleep\",sni=\"dashscope.aliyuncs.com\",decision=\"denied\"} 1"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_and_bad_config_changes_get_clear_answers() {
+    let lab = GatewayLab::new();
+    let who = identity("default", "sleep");
+    let client = lab.tunnel_client("agent");
+    let call = |host: &'static str, method: &'static str, body: Vec<u8>| {
+        let client = &client;
+        let who = &who;
+        let ip = lab.ip;
+        async move {
+            let stream = client.connect(&format!("{ip}:80"), who).await.unwrap();
+            let mut http = http_over(stream).await;
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", host)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = http.send_request(req).await.unwrap();
+            let status = resp.status();
+            (status, body_text(resp).await)
+        }
+    };
+    let (s, b) = call(PROVIDER_HOST, "POST", b"not json".to_vec()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b.contains("not JSON"), "{b}");
+    let (s, b) = call(PROVIDER_HOST, "POST", b"[1]".to_vec()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b.contains("JSON object"), "{b}");
+    let (s, b) = call(PROVIDER_HOST, "POST", vec![b' '; 2 << 20]).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(b.contains("--max-request-body"), "{b}");
+    let (s, b) = call(PROVIDER_HOST, "GET", vec![]).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(b.contains("POST"), "{b}");
+    let (s, b) = call("api.openai.com", "POST", SEED_BODY.as_bytes().to_vec()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(b.contains("no LLMRoute for host \"api.openai.com\""), "{b}");
+    assert!(
+        lab.provider_requests().is_empty(),
+        "a bad request reached the provider"
+    );
+
+    // An invalid change is reported and the last good configuration serves.
+    lab.apply("broken.yaml", "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: broken}\nspec:\n  rules: []\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let readyz = loop {
+        let r = lab.admin_get("/readyz").await;
+        if r.contains("last reload rejected") || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        readyz.contains("broken.yaml") && readyz.contains("LLMRoute default/broken"),
+        "{readyz}"
+    );
+    let metrics = lab.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("llm_egress_gateway_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    let (s, _) = call(PROVIDER_HOST, "POST", SEED_BODY.as_bytes().to_vec()).await;
+    assert_eq!(s, StatusCode::OK, "the last good configuration stopped serving");
+}

@@ -58,6 +58,8 @@ pub struct CaptureLab {
     pub tunnel: bool,
     /// Extra arguments for the fake provider (benchmarks tune it).
     pub provider_extra: Vec<String>,
+    /// Extra arguments for the agent's `run`.
+    pub agent_extra: Vec<String>,
     /// Cgroup of the enrolled workload `default/sleep`.
     pub sleep_cgroup: PathBuf,
     /// A cgroup that is never enrolled.
@@ -159,6 +161,7 @@ impl CaptureLab {
             provider: None,
             tunnel: false,
             provider_extra: Vec::new(),
+            agent_extra: Vec::new(),
             sleep_cgroup,
             other_cgroup,
         };
@@ -211,6 +214,7 @@ impl CaptureLab {
         .iter()
         .map(|s| s.to_string())
         .chain(self.mode_args())
+        .chain(self.agent_extra.iter().cloned())
         .collect()
     }
 
@@ -260,10 +264,12 @@ impl CaptureLab {
                     a.assert_running();
                 }
                 let s = self.try_status()?;
-                let resolved = s["targets"]
-                    .as_array()?
-                    .iter()
-                    .all(|t| t["addresses"].as_array().is_some_and(|a| !a.is_empty()));
+                // Every target tried once (resolved, or reported as failing).
+                let resolved = s["targets"].as_array()?.iter().all(|t| {
+                    t["attempts"].as_u64().unwrap_or(0) > 0
+                        && (t["error"].is_string()
+                            || t["addresses"].as_array().is_some_and(|a| !a.is_empty()))
+                });
                 let enrolled = !s["workloads"]["enrolled"].as_array()?.is_empty();
                 (resolved && enrolled).then_some(())
             },
