@@ -166,7 +166,7 @@ impl Proxy {
 
         let started = Instant::now();
         self.metrics.active.inc();
-        let result = match (self.mode, &self.uplink) {
+        let outcome = match (self.mode, &self.uplink) {
             (Mode::Tunnel, Some(uplink)) => {
                 let who = WorkloadIdentity {
                     spiffe: SpiffeId::workload(
@@ -189,15 +189,17 @@ impl Proxy {
                         if uplink.should_warn() {
                             tracing::warn!(%peer, original_dst = %dst, principal = %workload.principal(), error = %e, "cannot open a tunnel to the egress gateway; closing captured connections until it is back (logged once per burst)");
                         }
-                        return;
+                        None
                     }
-                    Err(TunnelFailure::Io(e)) => Err(e),
-                    Ok(n) => Ok(n),
+                    Err(TunnelFailure::Io(e)) => Some(Err(e)),
+                    Ok(n) => Some(Ok(n)),
                 }
             }
-            _ => self.forward_direct(&mut client, dst).await,
+            _ => Some(self.forward_direct(&mut client, dst).await),
         };
         self.metrics.active.dec();
+        // No tunnel could be opened: already counted and (rate-limited) logged.
+        let Some(result) = outcome else { return };
         match result {
             Ok((sent, received)) => {
                 for (direction, n) in [("sent", sent), ("received", received)] {

@@ -247,6 +247,11 @@ fn gateway_down_fails_fast_and_recovers_without_restarting_the_agent() {
     assert_eq!(lab.provider_requests().len(), before);
     let metrics = lab.metrics();
     assert!(metrics.contains("reason=\"gateway_unavailable\""), "{metrics}");
+    // Failed connections are not left counted as open (drain waits on it).
+    assert!(
+        metrics.contains("llm_egress_agent_active_connections 0"),
+        "{metrics}"
+    );
 
     lab.start_gateway();
     let out = seed_until(&lab, &lab.sleep_cgroup, completion);
