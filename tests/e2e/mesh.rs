@@ -331,3 +331,61 @@ fn keep_alive_requests_and_fifty_concurrent_pods_all_succeed() {
         .collect();
     assert!(principals.len() >= 40, "identities were mixed up: {principals:?}");
 }
+
+#[test]
+fn agent_shutdown_lets_an_open_stream_finish() {
+    let mut lab = CaptureLab::new();
+    lab.start_mesh();
+    let result = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            lab.curl_in(
+                &lab.pod,
+                Some(&lab.sleep_cgroup),
+                &[
+                    "-sS",
+                    "-N",
+                    "http://dashscope.aliyuncs.com/",
+                    "--header",
+                    "Content-Type: application/json",
+                    "--data",
+                    r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
+                ],
+            )
+        });
+        // SIGTERM while the completion is streaming (5 chunks, 200 ms apart).
+        std::thread::sleep(Duration::from_millis(400));
+        let agent_pid = lab
+            .agent
+            .as_ref()
+            .and_then(|a| a.child.as_ref())
+            .map(|c| c.id() as i32)
+            .unwrap();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(agent_pid, libc::SIGTERM) };
+        stream.join().unwrap()
+    });
+    let text = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        text.contains("part4") && text.contains("[DONE]"),
+        "the stream was cut by the shutdown: {text}"
+    );
+    // And new connections are refused once it is gone (fail closed).
+    wait_for("the agent to exit", Duration::from_secs(15), || {
+        lab.agent
+            .as_mut()
+            .and_then(|a| a.child.as_mut())
+            .and_then(|c| c.try_wait().ok().flatten())
+            .map(|_| ())
+    });
+    let (code, _, _) = lab.seed_curl(&lab.sleep_cgroup, &[]);
+    assert_eq!(
+        code,
+        Some(7),
+        "a captured connection was not refused after shutdown"
+    );
+}
