@@ -401,3 +401,38 @@ async fn bad_requests_and_bad_config_changes_get_clear_answers() {
     let (s, _) = call(PROVIDER_HOST, "POST", SEED_BODY.as_bytes().to_vec()).await;
     assert_eq!(s, StatusCode::OK, "the last good configuration stopped serving");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_does_not_drop_a_request_in_flight() {
+    let lab = GatewayLab::new();
+    let client = lab.tunnel_client("agent");
+    let stream = client
+        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
+        .await
+        .unwrap();
+    let mut http = http_over(stream).await;
+    let resp = http
+        .send_request(seed_request(
+            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Mid-stream, a policy that denies this very principal arrives.
+    lab.apply(
+        "authpolicy.yaml",
+        &std::fs::read_to_string(examples_dir().join("authpolicy.yaml")).unwrap(),
+    );
+    let text = body_text(resp).await;
+    assert!(
+        text.contains("part4") && text.contains("[DONE]"),
+        "the stream was cut by the reload: {text}"
+    );
+    // New requests see the new policy.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = seed_call(&lab, "agent", &identity("default", "sleep")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
+}
