@@ -77,15 +77,16 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The binaries the end-to-end tests and the demo start.
+const BINARY_PACKAGES: [&str; 3] = ["llm-egress-agent", "llm-egress-gateway", "llm-egress-tests"];
+
 fn build_bins() -> anyhow::Result<()> {
-    run(cargo().args([
-        "build",
-        "-p",
-        "llm-egress-agent",
-        "-p",
-        "llm-egress-tests",
-        "--bins",
-    ]))
+    let mut cmd = cargo();
+    cmd.arg("build");
+    for p in BINARY_PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    run(cmd.arg("--bins"))
 }
 
 fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
@@ -141,18 +142,11 @@ fn bench(
     }
     let release = release || !quick;
     let mut build = cargo();
-    build.args([
-        "build",
-        "-p",
-        "llm-egress-agent",
-        "-p",
-        "llm-egress-gateway",
-        "-p",
-        "llm-egress-tests",
-        "-p",
-        "llm-egress-bench",
-        "--bins",
-    ]);
+    build.arg("build");
+    for p in BINARY_PACKAGES.iter().chain(&["llm-egress-bench"]) {
+        build.args(["-p", p]);
+    }
+    build.arg("--bins");
     if release {
         build.arg("--release");
     }
