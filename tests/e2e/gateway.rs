@@ -16,6 +16,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ALLOW_ONLY_SLEEP: &str = "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: allow-sleep, namespace: istio-system}\nspec:\n  selector: {matchLabels: {istio: egressgateway}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/default/sa/sleep]}\n";
 
+/// A streamed completion's response head, through the tunnel as default/sleep.
+async fn stream_call(lab: &GatewayLab) -> hyper::Response<hyper::body::Incoming> {
+    let client = lab.tunnel_client("agent");
+    let stream = client
+        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
+        .await
+        .unwrap();
+    let mut http = http_over(stream).await;
+    let resp = http
+        .send_request(seed_request(
+            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp
+}
+
 async fn seed_call(
     lab: &GatewayLab,
     cert: &str,
@@ -182,20 +200,8 @@ async fn identity_headers_count_only_from_agents_and_a_client_certificate_is_req
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_completion_arrives_chunk_by_chunk() {
     let lab = GatewayLab::new();
-    let client = lab.tunnel_client("agent");
-    let stream = client
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .unwrap();
-    let mut http = http_over(stream).await;
     let started = Instant::now();
-    let resp = http
-        .send_request(seed_request(
-            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = stream_call(&lab).await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
     let mut arrivals = Vec::new();
@@ -405,19 +411,7 @@ async fn bad_requests_and_bad_config_changes_get_clear_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_does_not_drop_a_request_in_flight() {
     let lab = GatewayLab::new();
-    let client = lab.tunnel_client("agent");
-    let stream = client
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .unwrap();
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(
-            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = stream_call(&lab).await;
     // Mid-stream, a policy that denies this very principal arrives.
     lab.apply(
         "authpolicy.yaml",

@@ -25,6 +25,21 @@ fn seed_until(lab: &CaptureLab, cgroup: &std::path::Path, want: impl Fn(&str) ->
     }
 }
 
+/// A streamed completion requested with curl from the sleep pod, with extra curl arguments.
+fn stream_curl(lab: &CaptureLab, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "-sS",
+        "-N",
+        "http://dashscope.aliyuncs.com/",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
+    ];
+    args.extend_from_slice(extra);
+    lab.curl_in(&lab.pod, Some(&lab.sleep_cgroup), &args)
+}
+
 fn completion(out: &str) -> bool {
     out.contains("\"chat.completion\"") && out.contains("Qwen")
 }
@@ -191,21 +206,7 @@ fn https_from_the_pod_is_passed_through_by_sni_and_an_l4_deny_refuses_it() {
 fn a_streamed_completion_reaches_the_pod_chunk_by_chunk() {
     let mut lab = CaptureLab::new();
     lab.start_mesh();
-    let out = lab.curl_in(
-        &lab.pod,
-        Some(&lab.sleep_cgroup),
-        &[
-            "-sS",
-            "-N",
-            "http://dashscope.aliyuncs.com/",
-            "--header",
-            "Content-Type: application/json",
-            "--data",
-            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-            "-w",
-            "\n%{time_starttransfer} %{time_total}",
-        ],
-    );
+    let out = stream_curl(&lab, &["-w", "\n%{time_starttransfer} %{time_total}"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
@@ -337,21 +338,7 @@ fn agent_shutdown_lets_an_open_stream_finish() {
     let mut lab = CaptureLab::new();
     lab.start_mesh();
     let result = std::thread::scope(|s| {
-        let stream = s.spawn(|| {
-            lab.curl_in(
-                &lab.pod,
-                Some(&lab.sleep_cgroup),
-                &[
-                    "-sS",
-                    "-N",
-                    "http://dashscope.aliyuncs.com/",
-                    "--header",
-                    "Content-Type: application/json",
-                    "--data",
-                    r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-                ],
-            )
-        });
+        let stream = s.spawn(|| stream_curl(&lab, &[]));
         // SIGTERM while the completion is streaming (5 chunks, 200 ms apart).
         std::thread::sleep(Duration::from_millis(400));
         let agent_pid = lab
