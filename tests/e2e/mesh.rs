@@ -376,3 +376,20 @@ fn agent_shutdown_lets_an_open_stream_finish() {
         "a captured connection was not refused after shutdown"
     );
 }
+
+#[test]
+fn an_ipv6_connection_is_tunnelled_too() {
+    let mut lab = CaptureLab::new();
+    lab.start_mesh();
+    let (code, out, err) = lab.seed_curl(&lab.sleep_cgroup, &["-6"]);
+    assert_eq!(code, Some(0), "{err}\n{}", lab.gateway_logs());
+    assert!(completion(&out), "{out}");
+    let conn = lab.status()["recent"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(conn["originalDestination"], format!("[{LLM_V6}]:80"));
+    assert_eq!(lab.provider_requests().last().unwrap()["authorized"], true);
+}
