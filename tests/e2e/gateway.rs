@@ -430,3 +430,61 @@ async fn a_reload_does_not_drop_a_request_in_flight() {
         (StatusCode::FORBIDDEN, "RBAC: access denied")
     );
 }
+
+#[test]
+fn validate_prints_every_problem_and_exits_1() {
+    let gateway = llm_egress_tests::env::gateway_bin();
+    let out = std::process::Command::new(&gateway)
+        .args(["validate"])
+        .arg(examples_dir())
+        .env("API_KEY", "k")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("ok: 1 gateway(s) select this gateway, 1 route(s), 1 provider(s), 1 policy(ies)"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: r}\nspec:\n  host: ''\n  rules: []\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  action: BLOCK\n---\nkind: Widget\napiVersion: v1\nmetadata: {name: w}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(&gateway)
+        .args(["validate"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("error: ")
+            && text.contains("bad.yaml: LLMRoute default/r: spec.host: must not be empty"),
+        "{text}"
+    );
+    assert!(
+        text.contains("AuthorizationPolicy istio-system/p: spec.action"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: ") && text.contains("unknown kind \"Widget\""),
+        "{text}"
+    );
+    // Without the key in the environment the provider is an error too, naming the variable.
+    let out = std::process::Command::new(&gateway)
+        .args(["validate"])
+        .arg(examples_dir())
+        .env_remove("API_KEY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("apiKey") && text.contains("API_KEY"), "{text}");
+}
