@@ -104,6 +104,17 @@ fn target_args(p: &PathSpec, body: &str) -> Vec<String> {
     a
 }
 
+/// Median over rounds of `path[q] - base[q]` in the same round.
+fn paired_median(
+    samples: &BTreeMap<&str, BTreeMap<String, Vec<f64>>>,
+    path: &str,
+    base: &str,
+    q: &str,
+) -> f64 {
+    let get = |p: &str| samples.get(p).and_then(|m| m.get(q)).cloned().unwrap_or_default();
+    median(get(path).iter().zip(get(base)).map(|(a, b)| a - b).collect())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -411,6 +422,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
         for (k, v) in &samples[p.name] {
             m.insert(k.clone(), json!(median(v.clone())));
         }
+        // Added latency as the median of per-round differences to direct:
+        // paired within a round, so that a noisy round moves both sides.
+        for q in ["p50_us", "p99_us"] {
+            m.insert(
+                format!("added_{q}"),
+                json!(paired_median(&samples, p.name, "direct", q)),
+            );
+        }
         let rss: serde_json::Map<String, Value> = p
             .procs
             .iter()
@@ -504,4 +523,27 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
     drop(outside);
     drop(lab);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_paired_differences() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+        let mut samples: BTreeMap<&str, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+        // A noisy second round slows both paths: the paired difference stays 1.
+        samples
+            .entry("direct")
+            .or_default()
+            .insert("p50_us".into(), vec![10.0, 30.0, 11.0]);
+        samples
+            .entry("x")
+            .or_default()
+            .insert("p50_us".into(), vec![11.0, 31.0, 12.0]);
+        assert_eq!(paired_median(&samples, "x", "direct", "p50_us"), 1.0);
+    }
 }

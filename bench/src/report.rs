@@ -69,7 +69,7 @@ pub fn markdown(r: &Value) -> String {
         r["versions"]["envoy"].as_str().unwrap_or(""),
         r["versions"]["nginx"].as_str().unwrap_or(""),
     ));
-    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 64 conns | new conn/s | CPU s per 1k req | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
+    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms (paired) | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 64 conns | new conn/s | CPU s per 1k req | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
     out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let p = &r["paths"];
     let direct = &p["direct"];
@@ -97,8 +97,8 @@ pub fn markdown(r: &Value) -> String {
             ms(f(&x["p90_us"])),
             ms(f(&x["p99_us"])),
             ms(f(&x["p999_us"])),
-            ms(f(&x["p50_us"]) - f(&direct["p50_us"])),
-            ms(f(&x["p99_us"]) - f(&direct["p99_us"])),
+            ms(if x["added_p50_us"].is_null() { f(&x["p50_us"]) - f(&direct["p50_us"]) } else { f(&x["added_p50_us"]) }),
+            ms(if x["added_p99_us"].is_null() { f(&x["p99_us"]) - f(&direct["p99_us"]) } else { f(&x["added_p99_us"]) }),
             f(&x["p50_us"]) / f(&direct["p50_us"]).max(1.0),
             f(&x["p50_us"]) / f(&envoy["p50_us"]).max(1.0),
             f(&x["sat_1"]),
