@@ -37,7 +37,7 @@ pub fn versions(envoy: &Path) -> Value {
     json!({
         "llm-egress": env!("CARGO_PKG_VERSION"),
         "envoy": short_envoy_version(&version_of(envoy, "--version")),
-        "nginx": version_of(Path::new("/usr/sbin/nginx"), "-v"),
+        "nginx": version_of(Path::new("/usr/sbin/nginx"), "-v").replace("nginx version: nginx/", "nginx "),
     })
 }
 
