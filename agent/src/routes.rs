@@ -54,15 +54,7 @@ impl RouteTable {
 
 /// Loads routes from a directory; errors are problems with file and field.
 pub fn load(dir: &Path) -> Result<RouteTable, Vec<Problem>> {
-    let (set, problems) = ResourceSet::load_dir(dir).map_err(|e| {
-        vec![Problem {
-            severity: Severity::Error,
-            file: dir.to_owned(),
-            resource: None,
-            field: None,
-            message: format!("cannot read: {e}"),
-        }]
-    })?;
+    let (set, problems) = ResourceSet::load_dir_checked(dir)?;
     // The agent only needs routes; problems in other kinds are the gateway's.
     let route_errors: Vec<Problem> = problems
         .into_iter()

@@ -147,15 +147,7 @@ pub struct ConfigSource {
 
 /// Loads and compiles the directory once.
 pub fn load(dir: &Path, me: &GatewayIdentity) -> Result<(Compiled, Vec<PathBuf>), Vec<Problem>> {
-    let (set, problems) = ResourceSet::load_dir(dir).map_err(|e| {
-        vec![Problem {
-            severity: Severity::Error,
-            file: dir.to_owned(),
-            resource: None,
-            field: None,
-            message: format!("cannot read the configuration directory: {e}"),
-        }]
-    })?;
+    let (set, problems) = ResourceSet::load_dir_checked(dir)?;
     let key_files = set
         .providers
         .iter()

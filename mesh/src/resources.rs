@@ -550,6 +550,19 @@ impl ResourceSet {
         Ok((set, problems))
     }
 
+    /// `load_dir`, with an unreadable directory reported as a problem too.
+    pub fn load_dir_checked(dir: &Path) -> Result<(ResourceSet, Vec<Problem>), Vec<Problem>> {
+        ResourceSet::load_dir(dir).map_err(|e| {
+            vec![Problem {
+                severity: Severity::Error,
+                file: dir.to_owned(),
+                resource: None,
+                field: None,
+                message: format!("cannot read the resource directory: {e}"),
+            }]
+        })
+    }
+
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Vec<Problem> {
         let mut out = Vec::new();

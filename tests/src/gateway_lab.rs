@@ -121,30 +121,15 @@ impl GatewayLab {
     }
 
     pub fn gateway_args(&self) -> Vec<String> {
-        let c = |f: &str| self.certs().join(f).display().to_string();
-        vec![
-            "--log-format".into(),
-            "json".into(),
-            "run".into(),
-            "--config".into(),
-            self.config().display().to_string(),
-            "--tls-cert".into(),
-            c("gateway.pem"),
-            "--tls-key".into(),
-            c("gateway-key.pem"),
-            "--trust-bundle".into(),
-            c("ca.pem"),
-            "--tunnel-listen".into(),
-            self.tunnel_addr().to_string(),
-            "--direct-listen".into(),
-            self.direct_addr().to_string(),
-            "--admin".into(),
-            self.admin_addr().to_string(),
-            "--upstream-ca".into(),
-            c("ca.pem"),
-            "--resolve".into(),
-            format!("{PROVIDER_HOST}={}", self.ip),
-        ]
+        let mut args = gateway_run_args(
+            &self.certs(),
+            &self.config(),
+            &self.tunnel_addr().to_string(),
+            &self.admin_addr().to_string(),
+        );
+        args.extend(["--direct-listen".into(), self.direct_addr().to_string()]);
+        args.extend(["--resolve".into(), format!("{PROVIDER_HOST}={}", self.ip)]);
+        args
     }
 
     pub fn start_gateway(&mut self) {
@@ -221,6 +206,32 @@ impl Default for GatewayLab {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `llm-egress-gateway run` arguments for a lab: the certificates from
+/// `issue_certs`, the watched `config` directory, JSON logs, the test CA
+/// trusted for providers.
+pub fn gateway_run_args(certs: &Path, config: &Path, tunnel: &str, admin: &str) -> Vec<String> {
+    let c = |f: &str| certs.join(f).display().to_string();
+    vec![
+        "--log-format".into(),
+        "json".into(),
+        "run".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--tls-cert".into(),
+        c("gateway.pem"),
+        "--tls-key".into(),
+        c("gateway-key.pem"),
+        "--trust-bundle".into(),
+        c("ca.pem"),
+        "--tunnel-listen".into(),
+        tunnel.into(),
+        "--admin".into(),
+        admin.into(),
+        "--upstream-ca".into(),
+        c("ca.pem"),
+    ]
 }
 
 /// Issues a lab's certificates into `dir`: `llm-egress-gateway certs` (CA,

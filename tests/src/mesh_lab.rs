@@ -7,7 +7,9 @@ use std::{path::PathBuf, time::Duration};
 
 use crate::{
     env,
-    gateway_lab::{examples_dir, issue_certs, provider_requests, spawn_provider, SEED_FILES},
+    gateway_lab::{
+        examples_dir, gateway_run_args, issue_certs, provider_requests, spawn_provider, SEED_FILES,
+    },
     process::{wait_for, Daemon, Place},
     topology::{CaptureLab, LLM_V4},
 };
@@ -54,26 +56,7 @@ impl CaptureLab {
     }
 
     pub fn gateway_args(&self) -> Vec<String> {
-        let c = |f: &str| self.certs().join(f).display().to_string();
-        vec![
-            "--log-format".into(),
-            "json".into(),
-            "run".into(),
-            "--config".into(),
-            self.config().display().to_string(),
-            "--tls-cert".into(),
-            c("gateway.pem"),
-            "--tls-key".into(),
-            c("gateway-key.pem"),
-            "--trust-bundle".into(),
-            c("ca.pem"),
-            "--tunnel-listen".into(),
-            "0.0.0.0:15008".into(),
-            "--admin".into(),
-            "127.0.0.1:15020".into(),
-            "--upstream-ca".into(),
-            c("ca.pem"),
-        ]
+        gateway_run_args(&self.certs(), &self.config(), "0.0.0.0:15008", "127.0.0.1:15020")
     }
 
     pub fn start_gateway(&mut self) {
