@@ -114,13 +114,7 @@ fn child_cgroup_of_enrolled_workload_is_captured() {
         NODE_INET_V4,
         "child cgroup not captured: {answer}"
     );
-    let status = lab.status();
-    let conn = status["recent"]
-        .as_array()
-        .unwrap()
-        .last()
-        .cloned()
-        .expect("captured connection");
+    let conn = lab.last_connection();
     assert_eq!(conn["workload"], "sleep");
     assert_eq!(conn["principal"], "cluster.local/ns/default/sa/sleep");
 }
@@ -200,13 +194,7 @@ fn ipv6_is_captured_through_connect6() {
     let answer = lab.fetch_from(&lab.sleep_cgroup, &["-6", &format!("http://{LLM_HOST}/v6")]);
     assert_eq!(answer["local"], format!("[{LLM_V6}]:80"));
     assert_eq!(peer_ip(&answer), NODE_INET_V6, "IPv6 not captured: {answer}");
-    let status = lab.status();
-    let conn = status["recent"]
-        .as_array()
-        .unwrap()
-        .last()
-        .cloned()
-        .expect("captured connection");
+    let conn = lab.last_connection();
     assert_eq!(conn["originalDestination"], format!("[{LLM_V6}]:80"));
     assert_eq!(conn["principal"], "cluster.local/ns/default/sa/sleep");
 }
@@ -231,12 +219,7 @@ fn workload_file_changes_are_applied_while_running() {
         NODE_INET_V4,
         "newly enrolled workload not captured"
     );
-    let conn = lab.status()["recent"]
-        .as_array()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let conn = lab.last_connection();
     assert_eq!(conn["principal"], "cluster.local/ns/team-b/sa/agent");
 
     // A broken edit keeps the last good list and is reported.

@@ -185,12 +185,7 @@ fn https_from_the_pod_is_passed_through_by_sni_and_an_l4_deny_refuses_it() {
         String::from_utf8_lossy(&out.stderr),
         lab.gateway_logs()
     );
-    let conn = lab.status()["recent"]
-        .as_array()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let conn = lab.last_connection();
     assert_eq!(conn["originalDestination"], format!("{LLM_V4}:443"));
 
     lab.apply("authpolicy.yaml", &seed_policy());
@@ -384,12 +379,7 @@ fn an_ipv6_connection_is_tunnelled_too() {
     let (code, out, err) = lab.seed_curl(&lab.sleep_cgroup, &["-6"]);
     assert_eq!(code, Some(0), "{err}\n{}", lab.gateway_logs());
     assert!(completion(&out), "{out}");
-    let conn = lab.status()["recent"]
-        .as_array()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let conn = lab.last_connection();
     assert_eq!(conn["originalDestination"], format!("[{LLM_V6}]:80"));
     assert_eq!(lab.provider_requests().last().unwrap()["authorized"], true);
 }

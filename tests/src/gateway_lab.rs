@@ -159,11 +159,9 @@ impl GatewayLab {
         provider_requests(self.dir.path())
     }
 
-    /// Writes (or replaces) a policy file in the watched directory.
+    /// Writes (or replaces) a resource file in the watched directory.
     pub fn apply(&self, name: &str, yaml: &str) {
-        let tmp = self.config().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, self.config().join(name)).unwrap();
+        write_atomically(&self.config().join(name), yaml);
     }
 
     pub fn remove(&self, name: &str) {
@@ -206,6 +204,18 @@ impl Default for GatewayLab {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Writes then renames, as a ConfigMap update does, so that a watcher never
+/// reads half a file.
+pub fn write_atomically(path: &Path, text: &str) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
 }
 
 /// `llm-egress-gateway run` arguments for a lab: the certificates from

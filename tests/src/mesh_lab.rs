@@ -8,7 +8,8 @@ use std::{path::PathBuf, time::Duration};
 use crate::{
     env,
     gateway_lab::{
-        examples_dir, gateway_run_args, issue_certs, provider_requests, spawn_provider, SEED_FILES,
+        examples_dir, gateway_run_args, issue_certs, provider_requests, spawn_provider, write_atomically,
+        SEED_FILES,
     },
     process::{wait_for, Daemon, Place},
     topology::{CaptureLab, LLM_V4},
@@ -100,9 +101,7 @@ impl CaptureLab {
 
     /// Writes a resource into the gateway's watched directory.
     pub fn apply(&self, name: &str, yaml: &str) {
-        let tmp = self.config().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, self.config().join(name)).unwrap();
+        write_atomically(&self.config().join(name), yaml);
     }
 
     pub fn remove(&self, name: &str) {

@@ -184,11 +184,7 @@ impl CaptureLab {
                 "- {{namespace: {ns}, serviceAccount: {sa}, name: {name}, cgroupPath: {cg}}}\n"
             ));
         }
-        // Write then rename, as a ConfigMap update does, so the agent never
-        // reads half a file.
-        let tmp = self.workdir.path().join("workloads.yaml.tmp");
-        std::fs::write(&tmp, text).expect("writing workloads");
-        std::fs::rename(&tmp, self.workloads_file()).expect("renaming workloads");
+        crate::gateway_lab::write_atomically(&self.workloads_file(), &text);
     }
 
     pub fn agent_args(&self) -> Vec<String> {
@@ -306,6 +302,16 @@ impl CaptureLab {
     pub fn status(&self) -> Value {
         self.try_status()
             .unwrap_or_else(|| panic!("agent status failed; agent log:\n{}", self.agent_logs()))
+    }
+
+    /// The most recent captured connection the agent reports.
+    pub fn last_connection(&self) -> Value {
+        let status = self.status();
+        status["recent"]
+            .as_array()
+            .and_then(|r| r.last())
+            .cloned()
+            .unwrap_or_else(|| panic!("no captured connection in {status}"))
     }
 
     /// The agent's eBPF counter `name`.

@@ -37,26 +37,7 @@ enum Cmd {
     /// Replay the seed document on this machine: a pod, a node agent, the gateway, a provider.
     Demo,
     /// Measure llm-egress against a direct connection, an ASM-style Envoy path and nginx.
-    Bench {
-        /// A short smoke run (under two minutes, debug builds unless --release).
-        #[arg(long)]
-        quick: bool,
-        /// Use release builds (the default without --quick).
-        #[arg(long)]
-        release: bool,
-        /// Rounds; every figure is the median over them.
-        #[arg(long)]
-        rounds: Option<usize>,
-        /// Fixed request rate for the latency figures (req/s).
-        #[arg(long)]
-        rate: Option<u32>,
-        /// Seconds of each fixed-rate measurement.
-        #[arg(long)]
-        seconds: Option<f64>,
-        /// Also record a CPU profile of the agent and gateway (needs perf).
-        #[arg(long)]
-        profile: bool,
-    },
+    Bench(BenchArgs),
 }
 
 pub fn cargo() -> Command {
@@ -114,25 +95,37 @@ fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
     run(cargo().args(["test", "-p", "llm-egress-tests", "--"]).args(&args))
 }
 
+#[derive(clap::Args)]
 struct BenchArgs {
+    /// A short smoke run (under two minutes, debug builds unless --release).
+    #[arg(long)]
     quick: bool,
+    /// Use release builds (the default without --quick).
+    #[arg(long)]
     release: bool,
+    /// Rounds; every figure is the median over them.
+    #[arg(long)]
     rounds: Option<usize>,
+    /// Fixed request rate for the latency figures (req/s).
+    #[arg(long)]
     rate: Option<u32>,
+    /// Seconds of each fixed-rate measurement.
+    #[arg(long)]
     seconds: Option<f64>,
+    /// Also record a CPU profile of the agent and gateway (needs perf).
+    #[arg(long)]
     profile: bool,
 }
 
-fn bench(
-    BenchArgs {
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let BenchArgs {
         quick,
         release,
         rounds,
         rate,
         seconds,
         profile,
-    }: BenchArgs,
-) -> anyhow::Result<()> {
+    } = args;
     setup::setup(true)?;
     setup::bench_peers()?;
     if !is_root() {
@@ -199,20 +192,6 @@ fn main() -> anyhow::Result<()> {
             build_bins()?;
             demo::run()
         }
-        Cmd::Bench {
-            quick,
-            release,
-            rounds,
-            rate,
-            seconds,
-            profile,
-        } => bench(BenchArgs {
-            quick,
-            release,
-            rounds,
-            rate,
-            seconds,
-            profile,
-        }),
+        Cmd::Bench(args) => bench(args),
     }
 }
