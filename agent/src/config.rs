@@ -72,6 +72,18 @@ pub struct WorkloadsFileConfig {
     /// Path of a static workload file (see `registry`).
     #[serde(rename = "static")]
     pub static_file: Option<PathBuf>,
+    /// Enroll this node's Pods by label, and read LLMRoutes, from the Kubernetes API.
+    #[serde(default)]
+    pub kubernetes: bool,
+    /// kubeconfig for `kubernetes` (default: the pod's service account, then $KUBECONFIG).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Where the agent learns which workloads to capture.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkloadsFrom {
+    Static(PathBuf),
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 /// The effective configuration after merging file and flags.
@@ -84,7 +96,7 @@ pub struct Config {
     pub advertise_v6: Option<SocketAddr>,
     pub hosts: Vec<String>,
     pub ports: Vec<u16>,
-    pub workloads_file: PathBuf,
+    pub workloads: WorkloadsFrom,
     pub admin: SocketAddr,
     pub mode: Mode,
     pub resolve: ResolveTiming,
@@ -139,6 +151,8 @@ pub struct Overrides {
     pub hosts: Vec<String>,
     pub ports: Vec<u16>,
     pub workloads_file: Option<PathBuf>,
+    pub kubernetes: bool,
+    pub kubeconfig: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
     pub mode: Option<Mode>,
     pub resources: Option<PathBuf>,
@@ -244,7 +258,8 @@ impl Config {
             listen
         };
         let resources = flags.resources.or(file.resources);
-        if hosts.is_empty() && resources.is_none() {
+        let kubernetes = flags.kubernetes || file.workloads.kubernetes;
+        if hosts.is_empty() && resources.is_none() && !kubernetes {
             return Err(invalid(
                 "hosts",
                 "no LLM hosts to capture; list at least one (--host dashscope.aliyuncs.com) or give LLMRoute resources (--resources DIR)".into(),
@@ -261,15 +276,25 @@ impl Config {
         if ports.is_empty() || ports.contains(&0) {
             return Err(invalid("ports", "ports must be non-empty and non-zero".into()));
         }
-        let workloads_file = flags
-            .workloads_file
-            .or(file.workloads.static_file)
-            .ok_or_else(|| {
-                invalid(
+        let workloads_file = flags.workloads_file.or(file.workloads.static_file);
+        let workloads = match (kubernetes, workloads_file) {
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "workloads",
+                    "give either a static workload file (--workloads) or --kubernetes, not both".into(),
+                ))
+            }
+            (true, None) => WorkloadsFrom::Kubernetes {
+                kubeconfig: flags.kubeconfig.or(file.workloads.kubeconfig),
+            },
+            (false, Some(f)) => WorkloadsFrom::Static(f),
+            (false, None) => {
+                return Err(invalid(
                     "workloads.static",
-                    "missing: give the static workload file (--workloads FILE)".into(),
-                )
-            })?;
+                    "missing: give the static workload file (--workloads FILE), or --kubernetes to enroll this node's Pods by label".into(),
+                ))
+            }
+        };
 
         let mode = flags.mode.or(file.mode).unwrap_or_default();
         let mut gateways = file.gateways;
@@ -299,9 +324,14 @@ impl Config {
                 Some(TunnelConfig { tls, gateways })
             }
         };
-        let node_name = flags
-            .node_name
-            .or(file.node_name)
+        let node_name = flags.node_name.or(file.node_name);
+        if kubernetes && node_name.is_none() {
+            return Err(invalid(
+                "nodeName",
+                "missing: --kubernetes watches the Pods of this node; give --node-name (the DaemonSet sets NODE_NAME from spec.nodeName)".into(),
+            ));
+        }
+        let node_name = node_name
             .or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .ok()
@@ -327,7 +357,7 @@ impl Config {
             advertise_v6,
             hosts,
             ports,
-            workloads_file,
+            workloads,
             admin: flags
                 .admin
                 .or(file.admin)

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod kube_pods;
 mod loader;
 mod metrics;
 mod preflight;
@@ -17,9 +18,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use llm_egress_mesh::{kube_watch, source::ResourceSource};
 
 use crate::{
-    config::{Config, FileConfig, Mode, Overrides},
+    config::{Config, FileConfig, Mode, Overrides, WorkloadsFrom},
     registry::{Registry, StaticFileSource, WorkloadSource},
 };
 
@@ -88,6 +90,12 @@ struct RunArgs {
     /// Static workload file: YAML list of {namespace, serviceAccount, name, cgroupPath}.
     #[arg(long)]
     workloads: Option<PathBuf>,
+    /// Enroll this node's Pods labelled (or in a namespace labelled) llm-egress.io/capture=enabled, and read LLMRoutes, from the Kubernetes API.
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig for --kubernetes (default: the pod's service account, then $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Admin endpoint address (/healthz, /readyz, /metrics, /status; default 127.0.0.1:15021).
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -112,8 +120,8 @@ struct RunArgs {
     /// SPIFFE trust domain of workload identities (default cluster.local).
     #[arg(long)]
     trust_domain: Option<String>,
-    /// Node name sent with each tunnelled connection (default: the host name).
-    #[arg(long)]
+    /// Node name: whose Pods --kubernetes watches, and sent with each tunnelled connection (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Seconds to let open connections finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
@@ -245,6 +253,8 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         hosts: args.hosts,
         ports: args.ports,
         workloads_file: args.workloads,
+        kubernetes: args.kubernetes,
+        kubeconfig: args.kubeconfig,
         admin: args.admin,
         mode: args.mode,
         resources: args.resources,
@@ -265,9 +275,33 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
 
     // A bad workload file is a configuration error at startup; later it only
     // keeps the last good list.
-    let mut source: Box<dyn WorkloadSource> = Box::new(StaticFileSource::new(cfg.workloads_file.clone()));
+    let (mut source, resources): (Box<dyn WorkloadSource>, Option<ResourceSource>) = match &cfg.workloads {
+        WorkloadsFrom::Static(file) => (
+            Box::new(StaticFileSource::new(file.clone())),
+            cfg.resources.clone().map(ResourceSource::Dir),
+        ),
+        WorkloadsFrom::Kubernetes { kubeconfig } => {
+            let client = kube_watch::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| fail(2, e))?;
+            let pods =
+                kube_pods::KubePodSource::start(client.clone(), &cfg.node_name, cfg.cgroup_root.clone());
+            let resources = match &cfg.resources {
+                Some(dir) => ResourceSource::Dir(dir.clone()),
+                None => {
+                    let kube = kube_watch::KubeResources::start(client, &[kube_watch::LLM_ROUTE], None);
+                    kube.wait_synced(Duration::from_secs(30))
+                        .await
+                        .map_err(|e| fail(2, e))?;
+                    ResourceSource::Kube(kube)
+                }
+            };
+            tracing::info!(node = %cfg.node_name, "enrolling this node's Pods labelled {}=enabled (or in a namespace so labelled)", kube_pods::CAPTURE_LABEL);
+            (Box::new(pods), Some(resources))
+        }
+    };
     let initial = source.poll().map_err(|e| fail(2, e))?;
-    let routes = Arc::new(routes::Routes::new(cfg.resources.clone()).map_err(|problems| {
+    let routes = Arc::new(routes::Routes::new(resources).map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         fail(
             2,
@@ -327,9 +361,15 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     {
         // LLMRoute changes add or remove capture targets.
         let (routes, targets, extra) = (routes.clone(), targets.clone(), cfg.hosts.clone());
+        let mut changes = routes.changes();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                match changes.as_mut() {
+                    Some(rx) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
                 if let Some(table) = routes.check() {
                     targets.set_hosts(&capture_hosts(&extra, &table));
                 }

@@ -51,6 +51,8 @@ pub enum RegistryError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("workload file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("Kubernetes workload source: {0}")]
+    Kubernetes(String),
     #[error("workload file {path}: workloads[{index}].{field}: {message}")]
     Invalid {
         path: PathBuf,
@@ -118,11 +120,19 @@ pub fn parse_workloads(path: &Path, text: &str) -> Result<Vec<WorkloadSpec>, Reg
     Ok(file.workloads)
 }
 
-/// Where workloads come from (a static file here; Kubernetes later).
+/// Where workloads come from: a static file, or the Pods of this node.
 pub trait WorkloadSource: Send + 'static {
     /// The desired workloads, or `None` if nothing changed since last time.
     fn poll(&mut self) -> Result<Option<Vec<WorkloadSpec>>, RegistryError>;
     fn describe(&self) -> String;
+    /// Workloads the source knows of but cannot hand over yet, and why.
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Bumped when the source may have changed: polled at once, not at the next tick.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// A YAML file of workloads, re-read when its content changes.
@@ -223,6 +233,16 @@ impl Registry {
         polled: Result<Option<Vec<WorkloadSpec>>, RegistryError>,
         capture: &Capture,
     ) -> Result<(), RegistryError> {
+        self.apply_with(polled, Vec::new(), capture)
+    }
+
+    /// `apply`, with the source's own problems (workloads it cannot hand over).
+    pub fn apply_with(
+        &self,
+        polled: Result<Option<Vec<WorkloadSpec>>, RegistryError>,
+        source_problems: Vec<String>,
+        capture: &Capture,
+    ) -> Result<(), RegistryError> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let result = match polled {
             Ok(Some(specs)) => {
@@ -244,7 +264,7 @@ impl Registry {
         };
 
         let mut by_cgroup = HashMap::new();
-        let mut problems = Vec::new();
+        let mut problems = source_problems;
         for spec in &state.specs {
             match self.resolve_cgroup(&spec.cgroup_path) {
                 Ok(id) => {
@@ -326,9 +346,25 @@ impl Registry {
     ) {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = source.changes();
         loop {
-            tick.tick().await;
-            let _ = self.apply(source.poll(), &capture);
+            match changes.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                changes = None;
+                            }
+                        }
+                    }
+                }
+                None => {
+                    tick.tick().await;
+                }
+            }
+            let polled = source.poll();
+            let _ = self.apply_with(polled, source.problems(), &capture);
         }
     }
 }

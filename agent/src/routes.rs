@@ -3,13 +3,12 @@
 //! gateway its connections are tunnelled to. Read from the same resource
 //! files the gateway uses; re-read when they change.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    sync::RwLock,
-};
+use std::{collections::BTreeMap, sync::RwLock};
 
-use llm_egress_mesh::resources::{fingerprint, Fingerprint, LlmRouteSpec, Problem, ResourceSet, Severity};
+use llm_egress_mesh::{
+    resources::{LlmRouteSpec, Problem, ResourceSet, Severity},
+    source::{ResourceSource, Stamp},
+};
 
 /// Host → gateway name, for routes that apply to the mesh.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -53,8 +52,18 @@ impl RouteTable {
 }
 
 /// Loads routes from a directory; errors are problems with file and field.
-pub fn load(dir: &Path) -> Result<RouteTable, Vec<Problem>> {
-    let (set, problems) = ResourceSet::load_dir_checked(dir)?;
+#[cfg(test)]
+pub fn load(dir: &std::path::Path) -> Result<RouteTable, Vec<Problem>> {
+    load_from(&ResourceSource::Dir(dir.to_owned()))
+}
+
+/// Loads routes. From the API each invalid route is already left out (and
+/// logged) on its own, so only a directory can fail as a whole.
+pub fn load_from(source: &ResourceSource) -> Result<RouteTable, Vec<Problem>> {
+    let (set, problems, _) = source.load()?;
+    if source.kube().is_some() {
+        return Ok(RouteTable::from_set(&set));
+    }
     // The agent only needs routes; problems in other kinds are the gateway's.
     let route_errors: Vec<Problem> = problems
         .into_iter()
@@ -69,22 +78,30 @@ pub fn load(dir: &Path) -> Result<RouteTable, Vec<Problem>> {
 }
 
 pub struct Routes {
-    dir: Option<PathBuf>,
+    source: Option<ResourceSource>,
     table: RwLock<RouteTable>,
-    stamp: RwLock<Fingerprint>,
+    stamp: RwLock<Option<Stamp>>,
 }
 
 impl Routes {
-    pub fn new(dir: Option<PathBuf>) -> Result<Routes, Vec<Problem>> {
-        let (table, stamp) = match &dir {
-            Some(d) => (load(d)?, fingerprint(d, &[])),
-            None => (RouteTable::default(), vec![]),
+    pub fn new(source: Option<ResourceSource>) -> Result<Routes, Vec<Problem>> {
+        let (table, stamp) = match &source {
+            Some(s) => {
+                let stamp = s.stamp(&[]);
+                (load_from(s)?, Some(stamp))
+            }
+            None => (RouteTable::default(), None),
         };
         Ok(Routes {
-            dir,
+            source,
             table: RwLock::new(table),
             stamp: RwLock::new(stamp),
         })
+    }
+
+    /// Notified when the API reports a change (none for a directory).
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.source.as_ref()?.kube().map(|k| k.subscribe())
     }
 
     pub fn table(&self) -> RouteTable {
@@ -102,13 +119,13 @@ impl Routes {
 
     /// Re-reads the directory if it changed; returns the new table then.
     pub fn check(&self) -> Option<RouteTable> {
-        let dir = self.dir.as_ref()?;
-        let now = fingerprint(dir, &[]);
+        let source = self.source.as_ref()?;
+        let now = Some(source.stamp(&[]));
         if *self.stamp.read().unwrap_or_else(|p| p.into_inner()) == now {
             return None;
         }
         *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = now;
-        match load(dir) {
+        match load_from(source) {
             Ok(t) => {
                 tracing::info!(routes = ?t.gateway_of, "LLMRoute resources reloaded");
                 *self.table.write().unwrap_or_else(|p| p.into_inner()) = t.clone();
@@ -126,6 +143,8 @@ impl Routes {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]

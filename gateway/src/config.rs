@@ -4,15 +4,19 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use llm_egress_mesh::resources::{
-    fingerprint, AuthorizationPolicySpec, Fingerprint, LlmProviderSpec, LlmRouteSpec, Named, Problem,
-    RequestAuthenticationSpec, ResourceSet, Severity,
+use llm_egress_mesh::{
+    kube_watch::Verdict,
+    resources::{
+        AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
+        ResourceSet, Severity,
+    },
+    source::{ResourceSource, Stamp},
 };
 
 use crate::secrets::{self, Secret};
@@ -136,51 +140,82 @@ pub struct ReloadStatus {
 }
 
 pub struct ConfigSource {
-    dir: PathBuf,
+    source: ResourceSource,
     me: GatewayIdentity,
     current: ArcSwap<Compiled>,
     status: Mutex<ReloadStatus>,
-    /// The directory and referenced key files as last loaded.
-    stamp: Mutex<Fingerprint>,
+    /// The resources (and referenced key files) as last loaded.
+    stamp: Mutex<Stamp>,
     key_files: Mutex<Vec<PathBuf>>,
+    /// Per-object verdicts of the last load from the API, to report.
+    verdicts: Mutex<Vec<Verdict>>,
 }
 
-/// Loads and compiles the directory once.
-pub fn load(dir: &Path, me: &GatewayIdentity) -> Result<(Compiled, Vec<PathBuf>), Vec<Problem>> {
-    let (set, problems) = ResourceSet::load_dir_checked(dir)?;
+/// Loaded and compiled resources, the key files they read and, from the
+/// API, each object's verdict.
+pub type Loaded = (Compiled, Vec<PathBuf>, Vec<Verdict>);
+
+/// Loads and compiles the resources once. From the API, `${NAME}` keys come
+/// from the watched Secret first, then from the environment.
+pub fn load(source: &ResourceSource, me: &GatewayIdentity) -> Result<Loaded, Vec<Problem>> {
+    let (set, problems, verdicts) = source.load()?;
     let key_files = set
         .providers
         .iter()
         .filter_map(|p| secrets::referenced_file(&p.spec.configs.default_config.open_ai_config.api_key))
         .collect();
-    compile(set, problems, me, |k| std::env::var(k).ok()).map(|c| (c, key_files))
+    let kube = source.kube();
+    compile(set, problems, me, |k| {
+        kube.and_then(|kr| kr.secret_value(k))
+            .or_else(|| std::env::var(k).ok())
+    })
+    .map(|c| (c, key_files, verdicts))
 }
 
 impl ConfigSource {
-    /// The first load must succeed; later failures keep the last good one.
-    pub fn new(dir: PathBuf, me: GatewayIdentity) -> Result<Arc<ConfigSource>, Vec<Problem>> {
-        let stamp = fingerprint(&dir, &[]);
-        let (compiled, key_files) = load(&dir, &me)?;
+    /// From a directory the first load must succeed. From the API the gateway
+    /// starts anyway, not ready, until a configuration compiles: a bad
+    /// resource must not keep a restarted gateway down.
+    pub fn new(source: ResourceSource, me: GatewayIdentity) -> Result<Arc<ConfigSource>, Vec<Problem>> {
+        let stamp = source.stamp(&[]);
+        let (compiled, key_files, verdicts, status) = match load(&source, &me) {
+            Ok((compiled, key_files, verdicts)) => {
+                let status = ReloadStatus {
+                    loaded: true,
+                    warnings: compiled.warnings.iter().map(|w| w.to_string()).collect(),
+                    ..Default::default()
+                };
+                for w in &compiled.warnings {
+                    tracing::warn!(problem = %w, "configuration warning");
+                }
+                (compiled, key_files, verdicts, status)
+            }
+            Err(problems) if source.kube().is_some() => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "configuration from the Kubernetes API is not valid; not ready until it is");
+                }
+                let status = ReloadStatus {
+                    failures: 1,
+                    last_errors: problems.iter().map(|p| p.to_string()).collect(),
+                    ..Default::default()
+                };
+                (Compiled::default(), Vec::new(), Vec::new(), status)
+            }
+            Err(problems) => return Err(problems),
+        };
         let stamp = if key_files.is_empty() {
             stamp
         } else {
-            fingerprint(&dir, &key_files)
+            source.stamp(&key_files)
         };
-        let status = ReloadStatus {
-            loaded: true,
-            warnings: compiled.warnings.iter().map(|w| w.to_string()).collect(),
-            ..Default::default()
-        };
-        for w in &compiled.warnings {
-            tracing::warn!(problem = %w, "configuration warning");
-        }
         Ok(Arc::new(ConfigSource {
-            dir,
+            source,
             me,
             current: ArcSwap::from_pointee(compiled),
             status: Mutex::new(status),
             stamp: Mutex::new(stamp),
             key_files: Mutex::new(key_files),
+            verdicts: Mutex::new(verdicts),
         }))
     }
 
@@ -195,7 +230,7 @@ impl ConfigSource {
     /// Reloads if anything changed. Returns `Some(ok)` when it tried.
     pub fn check(&self) -> Option<bool> {
         let key_files = self.key_files.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let now = fingerprint(&self.dir, &key_files);
+        let now = self.source.stamp(&key_files);
         {
             let mut stamp = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
             if *stamp == now {
@@ -204,8 +239,9 @@ impl ConfigSource {
             *stamp = now;
         }
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        match load(&self.dir, &self.me) {
-            Ok((compiled, key_files)) => {
+        match load(&self.source, &self.me) {
+            Ok((compiled, key_files, verdicts)) => {
+                status.loaded = true;
                 status.reloads += 1;
                 status.last_errors.clear();
                 status.warnings = compiled.warnings.iter().map(|w| w.to_string()).collect();
@@ -217,6 +253,7 @@ impl ConfigSource {
                 );
                 self.current.store(Arc::new(compiled));
                 *self.key_files.lock().unwrap_or_else(|p| p.into_inner()) = key_files;
+                *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()) = verdicts;
                 Some(true)
             }
             Err(problems) => {
@@ -230,14 +267,28 @@ impl ConfigSource {
         }
     }
 
+    /// Checks every `period`, and at once when the API reports a change;
+    /// writes per-object verdicts to the API's resources.
     pub fn watch(self: &Arc<Self>, period: Duration, on_result: impl Fn(bool) + Send + 'static) {
         let this = Arc::downgrade(self);
+        let mut changes = self.source.kube().map(|k| k.subscribe());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(period).await;
+                match changes.as_mut() {
+                    Some(rx) => {
+                        // Coalesce bursts (a list after a restart is many events).
+                        let _ = tokio::time::timeout(period, rx.changed()).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    None => tokio::time::sleep(period).await,
+                }
                 let Some(this) = this.upgrade() else { return };
                 if let Some(ok) = this.check() {
                     on_result(ok);
+                }
+                if let Some(kube) = this.source.kube() {
+                    let verdicts = this.verdicts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    kube.report(&verdicts).await;
                 }
             }
         });
@@ -246,6 +297,8 @@ impl ConfigSource {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     pub fn seed_identity() -> GatewayIdentity {
@@ -301,7 +354,7 @@ mod tests {
         for f in ["egress-gw.yaml", "dashscope-route.yaml"] {
             std::fs::copy(Path::new(SEEDS).join(f), dir.path().join(f)).unwrap();
         }
-        let src = ConfigSource::new(dir.path().to_owned(), seed_identity()).unwrap();
+        let src = ConfigSource::new(ResourceSource::Dir(dir.path().to_owned()), seed_identity()).unwrap();
         assert_eq!(src.check(), None);
         std::fs::write(dir.path().join("bad.yaml"), "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: x}\nspec: {rules: []}\n").unwrap();
         assert_eq!(src.check(), Some(false));

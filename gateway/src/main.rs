@@ -24,8 +24,10 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llm_egress_mesh::{
-    certs,
+    certs, crds,
     identity::SpiffeId,
+    kube_watch,
+    source::ResourceSource,
     tls::{self, Reloading, TlsFiles},
 };
 
@@ -68,6 +70,8 @@ enum Command {
     Validate(ValidateArgs),
     /// Create a local CA and SPIFFE certificates for a gateway, an agent and workloads.
     Certs(CertArgs),
+    /// Print the CustomResourceDefinitions (YAML) of the kinds llm-egress reads.
+    Crds,
 }
 
 #[derive(Args, Clone)]
@@ -86,8 +90,10 @@ struct IdentityArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Directory of YAML resources (LLMProvider, LLMRoute, AuthorizationPolicy, RequestAuthentication, Gateway); reloaded on change.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
     #[command(flatten)]
     identity: IdentityArgs,
     /// The gateway's certificate (PEM), with its SPIFFE ID and DNS names.
@@ -126,6 +132,22 @@ struct RunArgs {
     /// Seconds to wait for a provider's response headers.
     #[arg(long, default_value_t = 120)]
     upstream_timeout: u64,
+}
+
+#[derive(Args)]
+struct KubeArgs {
+    /// Read the resources from the Kubernetes API (watched), and provider keys from a Secret, instead of --config.
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig for --kubernetes (default: the pod's service account, then $KUBECONFIG).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Secret in the gateway's --namespace whose keys expand `${NAME}` in apiKey (before the environment).
+    #[arg(long, default_value = "llm-egress-provider-keys")]
+    api_key_secret: String,
+    /// Seconds to wait for the first list of every resource kind at startup.
+    #[arg(long, default_value_t = 30)]
+    sync_timeout: u64,
 }
 
 #[derive(Args)]
@@ -173,6 +195,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => return validate(args),
         Command::Certs(args) => make_certs(args),
+        Command::Crds => print_crds(),
         Command::Run(args) => llm_egress_mesh::process::runtime(cli.worker_threads)
             .context("starting the async runtime")
             .and_then(|rt| rt.block_on(run(*args))),
@@ -187,8 +210,8 @@ fn main() -> ExitCode {
 }
 
 fn validate(args: ValidateArgs) -> ExitCode {
-    match config::load(&args.dir, &identity(&args.identity)) {
-        Ok((compiled, _)) => {
+    match config::load(&ResourceSource::Dir(args.dir), &identity(&args.identity)) {
+        Ok((compiled, _, _)) => {
             for w in &compiled.warnings {
                 println!("{w}");
             }
@@ -209,6 +232,14 @@ fn validate(args: ValidateArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn print_crds() -> anyhow::Result<()> {
+    print!(
+        "{}",
+        crds::all_yaml().context("rendering the CustomResourceDefinitions")?
+    );
+    Ok(())
 }
 
 fn make_certs(args: CertArgs) -> anyhow::Result<()> {
@@ -248,11 +279,26 @@ fn make_certs(args: CertArgs) -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let me = identity(&args.identity);
-    let source = config::ConfigSource::new(args.config.clone(), me).map_err(|problems| {
+    let resources = match &args.config {
+        Some(dir) => ResourceSource::Dir(dir.clone()),
+        None => {
+            let client = kube_watch::client(args.kube.kubeconfig.as_deref()).await?;
+            let kube = kube_watch::KubeResources::start(
+                client,
+                &kube_watch::ALL_KINDS,
+                Some((&me.namespace, &args.kube.api_key_secret)),
+            );
+            kube.wait_synced(Duration::from_secs(args.kube.sync_timeout))
+                .await?;
+            tracing::info!(secret = %format!("{}/{}", me.namespace, args.kube.api_key_secret), "watching resources and the provider key Secret in the Kubernetes API");
+            ResourceSource::Kube(kube)
+        }
+    };
+    let described = resources.describe();
+    let source = config::ConfigSource::new(resources, me).map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         anyhow::anyhow!(
-            "the configuration in {} is not valid:\n  {}",
-            args.config.display(),
+            "the configuration in {described} is not valid:\n  {}",
             list.join("\n  ")
         )
     })?;

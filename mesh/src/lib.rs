@@ -4,8 +4,11 @@
 //! issuance, and the Istio / ASM resources with their validation.
 
 pub mod certs;
+pub mod crds;
 pub mod identity;
+pub mod kube_watch;
 pub mod process;
 pub mod resources;
+pub mod source;
 pub mod tls;
 pub mod tunnel;

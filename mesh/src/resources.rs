@@ -41,13 +41,15 @@ pub struct Named<T> {
 
 // ---------- LLMProvider ----------
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmProviderSpec {
     #[serde(default)]
     pub workload_selector: Option<WorkloadSelector>,
+    #[schemars(length(min = 1))]
     pub host: String,
     #[serde(default = "default_provider_path")]
+    #[schemars(regex(pattern = "^/"))]
     pub path: String,
     pub configs: ProviderConfigs,
 }
@@ -56,27 +58,27 @@ fn default_provider_path() -> String {
     "/v1/chat/completions".into()
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderConfigs {
     pub default_config: ProviderConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderConfig {
     #[serde(rename = "openAIConfig")]
     pub open_ai_config: OpenAiConfig,
 }
 
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OpenAiConfig {
     #[serde(default)]
@@ -84,6 +86,7 @@ pub struct OpenAiConfig {
     #[serde(default)]
     pub stream: Option<bool>,
     /// Usually `${API_KEY}`: expanded by the gateway, never logged.
+    #[schemars(length(min = 1))]
     pub api_key: String,
 }
 
@@ -99,26 +102,29 @@ impl fmt::Debug for OpenAiConfig {
 
 // ---------- LLMRoute ----------
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmRouteSpec {
+    #[schemars(length(min = 1))]
     pub host: String,
     #[serde(default)]
     pub gateways: Vec<String>,
+    #[schemars(length(min = 1))]
     pub rules: Vec<LlmRouteRule>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmRouteRule {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
     pub matches: Vec<RouteMatch>,
+    #[schemars(length(min = 1))]
     pub backend_refs: Vec<BackendRef>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteMatch {
     #[serde(default)]
@@ -128,7 +134,7 @@ pub struct RouteMatch {
 }
 
 /// Istio's StringMatch: exactly one of exact, prefix, regex.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StringMatch {
     #[serde(default)]
@@ -147,9 +153,10 @@ impl StringMatch {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendRef {
+    #[schemars(length(min = 1))]
     pub provider_host: String,
     #[serde(default)]
     pub weight: Option<u32>,
@@ -411,6 +418,15 @@ fn typed<T: serde::de::DeserializeOwned>(
 }
 
 impl ResourceSet {
+    /// Adds every resource of `other`.
+    pub fn merge(&mut self, other: ResourceSet) {
+        self.providers.extend(other.providers);
+        self.routes.extend(other.routes);
+        self.policies.extend(other.policies);
+        self.authentications.extend(other.authentications);
+        self.gateways.extend(other.gateways);
+    }
+
     /// Parses a multi-document YAML text into this set; returns problems.
     pub fn add_text(&mut self, file: &Path, text: &str) -> Vec<Problem> {
         let mut problems = Vec::new();

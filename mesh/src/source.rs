@@ -1,0 +1,69 @@
+//! Where resources come from: a directory of YAML files (plain hosts, tests)
+//! or the Kubernetes API. Both give a `ResourceSet` with its problems and a
+//! stamp that changes when the resources may have changed.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use crate::{
+    kube_watch::{KubeResources, Verdict},
+    resources::{fingerprint, Fingerprint, Problem, ResourceSet},
+};
+
+#[derive(Clone)]
+pub enum ResourceSource {
+    Dir(PathBuf),
+    Kube(Arc<KubeResources>),
+}
+
+/// Compared by watchers to notice a change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stamp {
+    Files(Fingerprint),
+    Generation(u64),
+}
+
+impl ResourceSource {
+    /// The stamp now; `extra` files (mounted keys) count for a directory.
+    pub fn stamp(&self, extra: &[PathBuf]) -> Stamp {
+        match self {
+            ResourceSource::Dir(dir) => Stamp::Files(fingerprint(dir, extra)),
+            ResourceSource::Kube(k) => Stamp::Generation(k.generation()),
+        }
+    }
+
+    /// Every resource with its problems, and per-object verdicts for the API.
+    /// A directory that cannot be read is an error; the API never is (what
+    /// the watchers last saw is used).
+    pub fn load(&self) -> Result<(ResourceSet, Vec<Problem>, Vec<Verdict>), Vec<Problem>> {
+        match self {
+            ResourceSource::Dir(dir) => {
+                ResourceSet::load_dir_checked(dir).map(|(set, problems)| (set, problems, Vec::new()))
+            }
+            ResourceSource::Kube(k) => Ok(k.load()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ResourceSource::Dir(dir) => format!("directory {}", dir.display()),
+            ResourceSource::Kube(_) => "the Kubernetes API".into(),
+        }
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            ResourceSource::Dir(d) => Some(d),
+            ResourceSource::Kube(_) => None,
+        }
+    }
+
+    pub fn kube(&self) -> Option<&Arc<KubeResources>> {
+        match self {
+            ResourceSource::Kube(k) => Some(k),
+            ResourceSource::Dir(_) => None,
+        }
+    }
+}
