@@ -40,9 +40,10 @@ pub struct FileConfig {
     /// Directory of LLMRoute resources: hosts to capture and, from each
     /// route's `mesh` rule, the gateway to tunnel to.
     pub resources: Option<PathBuf>,
-    /// Gateway names (a mesh rule's providerHost) → tunnel address.
+    /// Gateway names (a mesh rule's providerHost) → tunnel address
+    /// (`IP:PORT`, or `HOST:PORT` resolved at every connection).
     #[serde(default)]
-    pub gateways: BTreeMap<String, SocketAddr>,
+    pub gateways: BTreeMap<String, String>,
     #[serde(default)]
     pub tls: TlsFileConfig,
     pub trust_domain: Option<String>,
@@ -110,7 +111,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
     pub tls: llm_egress_mesh::tls::TlsFiles,
-    pub gateways: BTreeMap<String, SocketAddr>,
+    pub gateways: BTreeMap<String, String>,
 }
 
 /// Bounds on how often targets are re-resolved: the record's TTL, clamped.
@@ -156,7 +157,7 @@ pub struct Overrides {
     pub admin: Option<SocketAddr>,
     pub mode: Option<Mode>,
     pub resources: Option<PathBuf>,
-    pub gateways: Vec<(String, SocketAddr)>,
+    pub gateways: Vec<(String, String)>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub trust_bundle: Option<PathBuf>,
@@ -167,6 +168,25 @@ pub struct Overrides {
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/llm-egress";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
+
+/// A tunnel address: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
+pub fn check_gateway_address(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} needs a port: HOST:PORT or IP:PORT"))?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+    if !port_ok || !host_ok {
+        return Err(format!("{addr:?} is not HOST:PORT or IP:PORT"));
+    }
+    Ok(())
+}
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -299,6 +319,9 @@ impl Config {
         let mode = flags.mode.or(file.mode).unwrap_or_default();
         let mut gateways = file.gateways;
         gateways.extend(flags.gateways);
+        for (name, addr) in &gateways {
+            check_gateway_address(addr).map_err(|why| invalid("gateways", format!("{name}: {why}")))?;
+        }
         let tunnel = match mode {
             Mode::Direct => None,
             Mode::Tunnel => {

@@ -105,9 +105,9 @@ struct RunArgs {
     /// Directory of LLMRoute resources: their hosts are captured, their `mesh` rule names the gateway.
     #[arg(long)]
     resources: Option<PathBuf>,
-    /// Tunnel address of an egress gateway, NAME=IP:PORT, NAME as in a mesh rule's providerHost (repeatable).
+    /// Tunnel address of an egress gateway, NAME=IP:PORT or NAME=HOST:PORT, NAME as in a mesh rule's providerHost (repeatable).
     #[arg(long = "gateway-address", value_parser = parse_gateway)]
-    gateway_addresses: Vec<(String, SocketAddr)>,
+    gateway_addresses: Vec<(String, String)>,
     /// The agent's certificate (PEM) for the tunnel's mTLS.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -128,14 +128,12 @@ struct RunArgs {
     drain_seconds: u64,
 }
 
-fn parse_gateway(s: &str) -> Result<(String, SocketAddr), String> {
+fn parse_gateway(s: &str) -> Result<(String, String), String> {
     let (name, addr) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=IP:PORT"))?;
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("{s:?}: {addr:?} is not an IP:PORT address"))?;
-    Ok((name.to_ascii_lowercase(), addr))
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP:PORT or NAME=HOST:PORT"))?;
+    config::check_gateway_address(addr)?;
+    Ok((name.to_ascii_lowercase(), addr.to_string()))
 }
 
 #[derive(Args)]

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -33,7 +32,7 @@ pub enum UplinkError {
 }
 
 pub struct Uplink {
-    addrs: BTreeMap<String, SocketAddr>,
+    addrs: BTreeMap<String, String>,
     tls: Arc<Reloading<rustls::ClientConfig>>,
     clients: Mutex<HashMap<String, Arc<TunnelClient>>>,
     streams: Arc<Semaphore>,
@@ -71,9 +70,10 @@ impl Uplink {
         if let Some(c) = clients.get(gateway) {
             return Ok(c.clone());
         }
-        let addr = *self
+        let addr = self
             .addrs
             .get(gateway)
+            .cloned()
             .ok_or_else(|| UplinkError::NoGateway(gateway.to_string()))?;
         let tls = self.tls.clone();
         // The gateway's certificate must carry its name as a DNS SAN.

@@ -4,7 +4,7 @@
 //! workload's identity in `x-llm-egress-*` headers. Bytes then flow
 //! unchanged both ways.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -38,15 +38,9 @@ pub enum TunnelError {
     #[error("identity header {0} is not valid: {1}")]
     BadHeader(&'static str, String),
     #[error("cannot reach the gateway at {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("TLS with the gateway at {addr} failed: {source}")]
-    Tls {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Tls { addr: String, source: std::io::Error },
     #[error("HTTP/2 with the gateway failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("the gateway refused the tunnel: {0}")]
@@ -56,7 +50,7 @@ pub enum TunnelError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("the gateway at {addr} was unreachable moments ago; retrying in {retry_in:?}")]
-    Backoff { addr: SocketAddr, retry_in: Duration },
+    Backoff { addr: String, retry_in: Duration },
 }
 
 /// Who a tunnelled connection belongs to.
@@ -213,7 +207,9 @@ where
 /// The client half: one HTTP/2 connection to one gateway, reopened when it
 /// breaks. Streams are multiplexed on it.
 pub struct TunnelClient {
-    addr: SocketAddr,
+    /// `host:port` or `ip:port`; a name is resolved at every dial, so a
+    /// gateway Service that moves is followed.
+    addr: String,
     server_name: rustls::pki_types::ServerName<'static>,
     tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
     connect_timeout: Duration,
@@ -229,14 +225,14 @@ impl TunnelClient {
     /// `tls` returns the current client config (so certificate reloads apply
     /// to the next connection).
     pub fn new(
-        addr: SocketAddr,
+        addr: impl Into<String>,
         server_name: &str,
         tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
     ) -> Result<TunnelClient, TunnelError> {
         let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
             .map_err(|e| TunnelError::Request(format!("gateway name {server_name:?}: {e}")))?;
         Ok(TunnelClient {
-            addr,
+            addr: addr.into(),
             server_name,
             tls,
             connect_timeout: Duration::from_secs(5),
@@ -245,21 +241,27 @@ impl TunnelClient {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     async fn dial(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
-        let addr = self.addr;
+        let addr = self.addr.as_str();
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|source| TunnelError::Connect { addr, source })?;
+            .map_err(|source| TunnelError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from((self.tls)());
         let tls = connector
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|source| TunnelError::Tls { addr, source })?;
+            .map_err(|source| TunnelError::Tls {
+                addr: addr.to_string(),
+                source,
+            })?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -286,7 +288,7 @@ impl TunnelClient {
                 let now = std::time::Instant::now();
                 if until > now {
                     return Err(TunnelError::Backoff {
-                        addr: self.addr,
+                        addr: self.addr.clone(),
                         retry_in: until - now,
                     });
                 }

@@ -47,6 +47,9 @@ pub struct GatewayLab {
     pub dir: tempfile::TempDir,
     pub ip: Ipv4Addr,
     pub api_key: String,
+    /// Read resources and the key Secret from the API with this kubeconfig
+    /// instead of the `config` directory.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl GatewayLab {
@@ -72,6 +75,16 @@ impl GatewayLab {
 
     /// Certificates, the seed's first three manifests, the provider and the gateway.
     pub fn new() -> GatewayLab {
+        Self::build(None)
+    }
+
+    /// Like `new`, but the gateway watches the Kubernetes API (`kubeconfig`)
+    /// and takes its key from the Secret there, not from its environment.
+    pub fn with_kubernetes(kubeconfig: PathBuf) -> GatewayLab {
+        Self::build(Some(kubeconfig))
+    }
+
+    fn build(kubeconfig: Option<PathBuf>) -> GatewayLab {
         env::require_root();
         let dir = tempfile::Builder::new()
             .prefix("llm-egress-gw")
@@ -90,6 +103,7 @@ impl GatewayLab {
             dir,
             ip,
             api_key,
+            kubeconfig,
         };
 
         issue_certs(&lab.certs(), &["default/sleep", "default/other"], &["localhost"]);
@@ -129,6 +143,20 @@ impl GatewayLab {
         );
         args.extend(["--direct-listen".into(), self.direct_addr().to_string()]);
         args.extend(["--resolve".into(), format!("{PROVIDER_HOST}={}", self.ip)]);
+        if let Some(kc) = &self.kubeconfig {
+            let i = args
+                .iter()
+                .position(|a| a == "--config")
+                .expect("--config in the arguments");
+            args.splice(
+                i..i + 2,
+                [
+                    "--kubernetes".into(),
+                    "--kubeconfig".into(),
+                    kc.display().to_string(),
+                ],
+            );
+        }
         args
     }
 
@@ -138,7 +166,11 @@ impl GatewayLab {
             &Place::default(),
             &env::gateway_bin(),
             &self.gateway_args(),
-            &[("API_KEY", self.api_key.as_str()), ("RUST_LOG", "info")],
+            &if self.kubeconfig.is_some() {
+                vec![("RUST_LOG", "info")]
+            } else {
+                vec![("API_KEY", self.api_key.as_str()), ("RUST_LOG", "info")]
+            },
             self.dir.path(),
         );
         self.gateway = Some(g);
@@ -179,8 +211,12 @@ impl GatewayLab {
     /// A tunnel client presenting certificate `name` (`agent`, `workload-default-sleep`, …).
     pub fn tunnel_client(&self, name: &str) -> TunnelClient {
         let cfg = Arc::new(client_config(&self.tls_files(name), &[ALPN_H2]).expect("client TLS config"));
-        TunnelClient::new(self.tunnel_addr(), "localhost", Arc::new(move || cfg.clone()))
-            .expect("tunnel client")
+        TunnelClient::new(
+            self.tunnel_addr().to_string(),
+            "localhost",
+            Arc::new(move || cfg.clone()),
+        )
+        .expect("tunnel client")
     }
 
     pub async fn admin_get(&self, path: &str) -> String {

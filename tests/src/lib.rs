@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod env;
 pub mod gateway_lab;
+pub mod kube_lab;
 pub mod mesh_lab;
 pub mod netns;
 pub mod process;

@@ -19,7 +19,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 apt-get update -qq
-apt-get install -y -qq golang-1.19 rsync etcd-server dpkg-dev >/dev/null
+apt-get install -y -qq golang-1.19 rsync etcd-server dpkg-dev golang-github-modern-go-reflect2-dev >/dev/null
 # Debian starts etcd as a service on install; the tests run their own.
 (systemctl disable --now etcd 2>/dev/null || service etcd stop 2>/dev/null || pkill -x etcd) || true
 if [[ -x "$dest/kube-apiserver" ]]; then
@@ -30,6 +30,12 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 apt-get source -qq kubernetes >/dev/null
 cd kubernetes-*/
+# Kubernetes 1.20 vendors reflect2 1.0.1, whose map iteration crashes the
+# API server (SIGSEGV in mapiterinit) when built with Go >= 1.18; Debian's
+# reflect2 1.0.2 is the upstream fix.
+rm -rf vendor/github.com/modern-go/reflect2
+cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
+sed -i 's|github.com/modern-go/reflect2 v1.0.1|github.com/modern-go/reflect2 v1.0.2|g' go.mod vendor/modules.txt
 export PATH="/usr/lib/go-1.19/bin:$PATH" GOFLAGS=-mod=vendor GOCACHE="$work/gocache" GOPATH="$work/gopath"
 make WHAT=cmd/kube-apiserver >/dev/null
 mkdir -p "$dest"

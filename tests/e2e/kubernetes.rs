@@ -1,0 +1,451 @@
+//! The Kubernetes code paths against a real API server (kube-apiserver
+//! v1.20 + etcd started by the test, RBAC enforced with the chart's roles):
+//! the agent's Pod watcher with real eBPF capture, the gateway's resources
+//! and key Secret from the API, status reporting of bad resources, and the
+//! generated CRDs' admission checks. Needs root.
+
+use std::time::Duration;
+
+use hyper::StatusCode;
+use llm_egress_tests::{
+    gateway_lab::*,
+    kube_lab::*,
+    process::{wait_for, Place},
+    topology::*,
+};
+
+const HOST: Place = Place {
+    netns: None,
+    cgroup: None,
+};
+
+fn crds() -> String {
+    std::fs::read_to_string(chart_dir().join("crds/crds.yaml")).expect("the chart's CRDs")
+}
+
+/// The chart's RBAC, exactly as `helm template` renders it, plus the
+/// namespaces it binds into.
+fn chart_rbac() -> String {
+    let rendered = render_chart(&[]);
+    documents_of(
+        &rendered,
+        &[
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ],
+    )
+}
+
+/// Sets up CRDs and RBAC; returns once the CRDs are served.
+fn install_basics(api: &ApiServer, place: &Place, crds: &str) {
+    api.apply_ok(place, crds);
+    wait_for("the CRDs to be served", Duration::from_secs(30), || {
+        api.kubectl(place, &["get", "llmroutes,authorizationpolicies", "-A"])
+            .status
+            .success()
+            .then_some(())
+    });
+    api.apply_ok(place, &chart_rbac());
+}
+
+fn enrolled(lab: &CaptureLab) -> Vec<String> {
+    lab.status()["workloads"]["enrolled"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|w| {
+                    format!(
+                        "{}/{}/{}",
+                        w["spec"]["namespace"].as_str().unwrap_or(""),
+                        w["spec"]["name"].as_str().unwrap_or(""),
+                        w["spec"]["serviceAccount"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pod_yaml(ns: &str, name: &str, node: &str, sa: &str, label: Option<&str>) -> String {
+    let labels = label
+        .map(|l| format!("  labels: {{llm-egress.io/capture: {l}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: sleep}}]\n"
+    )
+}
+
+/// The kubelet's systemd-driver cgroup of a BestEffort pod, under the lab's root.
+fn make_pod_cgroup(lab: &CaptureLab, uid: &str) -> std::path::PathBuf {
+    let dir = lab
+        .cgroups
+        .path
+        .join("kubepods.slice/kubepods-besteffort.slice")
+        .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
+    std::fs::create_dir_all(dir.join("container-app")).expect("pod cgroup");
+    dir.join("container-app")
+}
+
+#[test]
+fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_restarts() {
+    let mut lab = CaptureLab::new();
+    let node = Place {
+        netns: Some(&lab.node),
+        cgroup: None,
+    };
+    let mut api = ApiServer::start(&node);
+    install_basics(&api, &node, &crds());
+    api.apply_ok(
+        &node,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: {llm-egress.io/capture: enabled}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team-b}\n",
+    );
+    // A pod of another node, labelled: never this agent's business.
+    api.apply_ok(&node, &pod_yaml("team-a", "elsewhere", "node-2", "sleep", None));
+
+    // Direct mode: the test checks capture and identity, not the tunnel.
+    lab.agent_extra = vec![
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        api.kubeconfig(User::Agent).display().to_string(),
+        "--node-name".into(),
+        "node-1".into(),
+    ];
+    // The static workload file is replaced by the Pod watcher.
+    let mut args = lab.agent_args();
+    let i = args.iter().position(|a| a == "--workloads").unwrap();
+    args.drain(i..i + 2);
+    let mut agent = llm_egress_tests::process::Daemon::start(
+        "agent",
+        &node,
+        &llm_egress_tests::env::agent_bin(),
+        &args,
+        lab.workdir.path(),
+    );
+    wait_for("the agent to watch the API", Duration::from_secs(30), || {
+        agent.assert_running();
+        agent.logs().contains("enrolling this node's Pods").then_some(())
+    });
+    lab.agent = Some(agent);
+
+    // A pod enrolled through its namespace's label.
+    api.apply_ok(&node, &pod_yaml("team-a", "sleep", "node-1", "sleep", None));
+    let uid = api.kubectl_ok(
+        &node,
+        &[
+            "-n",
+            "team-a",
+            "get",
+            "pod",
+            "sleep",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ],
+    );
+    let cgroup = make_pod_cgroup(&lab, &uid);
+    wait_for("team-a/sleep enrolled", Duration::from_secs(5), || {
+        enrolled(&lab)
+            .contains(&"team-a/sleep/sleep".to_string())
+            .then_some(())
+    });
+    let answer = lab.fetch_from(&cgroup, &["-4", &format!("http://{LLM_HOST}/k8s")]);
+    assert!(
+        answer["peer"].as_str().unwrap().starts_with(NODE_INET_V4),
+        "not captured: {answer}"
+    );
+    let conn = lab.last_connection();
+    assert_eq!(conn["principal"], "cluster.local/ns/team-a/sa/sleep");
+    assert_eq!(conn["workload"], "sleep");
+    assert_eq!(
+        enrolled(&lab),
+        ["team-a/sleep/sleep"],
+        "the other node's pod must not be enrolled"
+    );
+
+    // A pod of an unlabelled namespace, enrolled by its own label; another opted out.
+    api.apply_ok(
+        &node,
+        &pod_yaml("team-b", "solo", "node-1", "solo", Some("enabled")),
+    );
+    api.apply_ok(
+        &node,
+        &pod_yaml("team-a", "optout", "node-1", "sleep", Some("disabled")),
+    );
+    for (ns, pod) in [("team-b", "solo"), ("team-a", "optout")] {
+        let uid = api.kubectl_ok(
+            &node,
+            &["-n", ns, "get", "pod", pod, "-o", "jsonpath={.metadata.uid}"],
+        );
+        make_pod_cgroup(&lab, &uid);
+    }
+    wait_for("team-b/solo enrolled, optout not", Duration::from_secs(5), || {
+        (enrolled(&lab) == ["team-a/sleep/sleep", "team-b/solo/solo"]).then_some(())
+    });
+
+    // Opting the first pod out by label unenrolls it: its connections go straight out.
+    api.kubectl_ok(
+        &node,
+        &[
+            "-n",
+            "team-a",
+            "label",
+            "pod",
+            "sleep",
+            "llm-egress.io/capture=disabled",
+        ],
+    );
+    wait_for("team-a/sleep unenrolled", Duration::from_secs(5), || {
+        (enrolled(&lab) == ["team-b/solo/solo"]).then_some(())
+    });
+    let answer = lab.fetch_from(&cgroup, &["-4", &format!("http://{LLM_HOST}/direct")]);
+    assert!(
+        answer["peer"].as_str().unwrap().starts_with(POD_V4),
+        "still captured: {answer}"
+    );
+
+    // The API server goes away: the enrolled set stays; the agent reports it.
+    api.stop_apiserver();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(enrolled(&lab), ["team-b/solo/solo"]);
+    // Back: the watch resumes, and changes made now are followed.
+    api.restart_apiserver(&node);
+    api.kubectl_ok(&node, &["-n", "team-b", "delete", "pod", "solo", "--wait=false"]);
+    api.kubectl_ok(
+        &node,
+        &["-n", "team-a", "label", "pod", "sleep", "llm-egress.io/capture-"],
+    );
+    wait_for(
+        "the changes after the restart followed",
+        Duration::from_secs(20),
+        || (enrolled(&lab) == ["team-a/sleep/sleep"]).then_some(()),
+    );
+    let logs = lab.agent_logs();
+    assert!(
+        logs.contains("Kubernetes watch failed"),
+        "the outage was not reported:\n{logs}"
+    );
+    assert!(logs.contains("watching the Kubernetes API again"), "{logs}");
+
+    // LLMRoutes from the API add capture targets.
+    api.apply_ok(
+        &node,
+        "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: extra, namespace: default}\nspec:\n  host: extra.example.test\n  rules: [{backendRefs: [{providerHost: gw.example.test}]}]\n",
+    );
+    wait_for(
+        "the route's host to become a target",
+        Duration::from_secs(10),
+        || {
+            lab.status()["targets"]
+                .as_array()?
+                .iter()
+                .any(|t| t["host"] == "extra.example.test")
+                .then_some(())
+        },
+    );
+}
+
+async fn seed_status(lab: &GatewayLab) -> (StatusCode, String) {
+    let client = lab.tunnel_client("agent");
+    let stream = client
+        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    let resp = http
+        .send_request(seed_request(SEED_BODY))
+        .await
+        .expect("response");
+    let status = resp.status();
+    (status, body_text(resp).await)
+}
+
+async fn wait_status(lab: &GatewayLab, want: StatusCode, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = seed_status(lab).await;
+        if status == want {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still {status} {body}\n{}",
+            lab.gateway_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn accepted(api: &ApiServer, kind: &str, ns: &str, name: &str) -> (String, String) {
+    let out = api.kubectl(
+        &HOST,
+        &[
+            "-n",
+            ns,
+            "get",
+            kind,
+            name,
+            "-o",
+            "jsonpath={.status.conditions[0].status}|{.status.conditions[0].message}",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (s, m) = text.split_once('|').unwrap_or(("", ""));
+    (s.to_string(), m.to_string())
+}
+
+/// CRDs as a laxer distribution may have installed them: any spec passes
+/// admission, so bad resources reach the watchers.
+fn lax_crds() -> String {
+    crds()
+        .split("\n---")
+        .map(|doc| {
+            let mut v: serde_json::Value = match serde_yaml_ng::from_str(doc) {
+                Ok(v) => v,
+                Err(_) => return String::new(),
+            };
+            if v.is_null() {
+                return String::new();
+            }
+            v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+                serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+            format!("---\n{}", serde_yaml_ng::to_string(&v).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_ones() {
+    let mut api = ApiServer::start(&HOST);
+    install_basics(&api, &HOST, &lax_crds());
+    let mut lab = GatewayLab::with_kubernetes(api.kubeconfig(User::Gateway));
+    // Not ready without resources and key; then the seed's resources and the Secret.
+    for f in SEED_FILES {
+        api.apply_ok(&HOST, &std::fs::read_to_string(examples_dir().join(f)).unwrap());
+    }
+    api.kubectl_ok(
+        &HOST,
+        &[
+            "-n",
+            "istio-system",
+            "create",
+            "secret",
+            "generic",
+            "llm-egress-provider-keys",
+            &format!("--from-literal=API_KEY={}", lab.api_key),
+        ],
+    );
+    let body = wait_status(
+        &lab,
+        StatusCode::OK,
+        "the seed's completion with the key from the Secret",
+    )
+    .await;
+    assert!(body.contains("choices"), "{body}");
+    assert_eq!(
+        lab.provider_requests().last().unwrap()["authorized"],
+        true,
+        "the provider did not get the key from the Secret"
+    );
+    wait_for("the route's status", Duration::from_secs(10), || {
+        (accepted(&api, "llmroute", "default", "dashscope-route").0 == "True").then_some(())
+    });
+
+    // The seed's DENY applies within moments.
+    let deny = std::fs::read_to_string(examples_dir().join("authpolicy.yaml")).unwrap();
+    api.apply_ok(&HOST, &deny);
+    let body = wait_status(&lab, StatusCode::FORBIDDEN, "the seed's DENY").await;
+    assert_eq!(body, "RBAC: access denied");
+
+    // A policy with an unknown action and a route without host: reported on
+    // the resource and in the log; the configuration in force stays.
+    api.apply_ok(
+        &HOST,
+        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: istio-system}\nspec: {action: MAYBE}\n---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: hostless, namespace: default}\nspec:\n  rules: [{backendRefs: [{providerHost: x.example}]}]\n",
+    );
+    let (status, message) = wait_for("the bad policy's status", Duration::from_secs(10), || {
+        let a = accepted(&api, "authorizationpolicy", "istio-system", "typo");
+        (!a.0.is_empty()).then_some(a)
+    });
+    assert_eq!(status, "False");
+    assert!(message.contains("spec.action"), "{message}");
+    let (status, message) = wait_for("the bad route's status", Duration::from_secs(10), || {
+        let a = accepted(&api, "llmroute", "default", "hostless");
+        (!a.0.is_empty()).then_some(a)
+    });
+    assert_eq!(status, "False");
+    assert!(message.contains("host"), "{message}");
+    assert!(
+        lab.gateway_logs()
+            .contains("AuthorizationPolicy istio-system/typo"),
+        "{}",
+        lab.gateway_logs()
+    );
+    assert_eq!(seed_status(&lab).await.0, StatusCode::FORBIDDEN);
+
+    // Breaking the DENY itself keeps its last good version in force.
+    api.apply_ok(
+        &HOST,
+        &deny.replace("principals:", "ipBlocks: [10.0.0.0/8]\n        principals:"),
+    );
+    wait_for("the broken DENY reported", Duration::from_secs(10), || {
+        (accepted(&api, "authorizationpolicy", "istio-system", "test").0 == "False").then_some(())
+    });
+    assert_eq!(
+        seed_status(&lab).await.0,
+        StatusCode::FORBIDDEN,
+        "a bad update must not lift the DENY"
+    );
+
+    // The API server restarts; changes made afterwards are followed.
+    api.restart_apiserver(&HOST);
+    api.kubectl_ok(
+        &HOST,
+        &["-n", "istio-system", "delete", "authorizationpolicy", "test"],
+    );
+    wait_status(
+        &lab,
+        StatusCode::OK,
+        "the DENY deleted after the API server restart",
+    )
+    .await;
+    let logs = lab.gateway_logs();
+    assert!(
+        !logs.contains(&lab.api_key),
+        "the key leaked into the gateway log"
+    );
+    lab.stop_provider();
+}
+
+#[test]
+fn generated_crds_make_the_api_server_reject_what_validation_rejects() {
+    let api = ApiServer::start(&HOST);
+    install_basics(&api, &HOST, &crds());
+    for f in SEED_FILES.iter().chain(&["authpolicy.yaml"]) {
+        api.apply_ok(&HOST, &std::fs::read_to_string(examples_dir().join(f)).unwrap());
+    }
+    for (bad, field) in [
+        (
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: hostless}\nspec:\n  rules: [{backendRefs: [{providerHost: x}]}]\n",
+            "spec.host",
+        ),
+        (
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: ruleless}\nspec: {host: a.example, rules: []}\n",
+            "spec.rules",
+        ),
+        (
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\nmetadata: {name: keyless}\nspec:\n  host: a.example\n  configs: {defaultConfig: {openAIConfig: {apiKey: ''}}}\n",
+            "apiKey",
+        ),
+        (
+            "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: typo}\nspec: {action: MAYBE}\n",
+            "spec.action",
+        ),
+    ] {
+        let out = api.apply(&HOST, bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted:\n{bad}");
+        assert!(err.contains(field), "{field} not named: {err}");
+    }
+}

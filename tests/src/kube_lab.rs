@@ -1,0 +1,306 @@
+//! A real Kubernetes API server for the watcher tests: etcd and a
+//! kube-apiserver v1.20 (built once from Debian's sources by `cargo xtask
+//! setup`), serving TLS with a test CA, static tokens for an admin, the
+//! agent's and the gateway's service accounts, and RBAC enforced, so the
+//! chart's least-privilege roles are what the agent and gateway run with.
+//! Everything listens on loopback (of the host or of a test namespace).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use crate::{
+    gateway_lab::issue_certs,
+    process::{run, wait_for, Daemon, Place},
+};
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// helm and kubectl, installed by `cargo xtask setup`.
+pub fn tools_dir() -> PathBuf {
+    home().join(".local/share/llm-egress/k8s-tools")
+}
+
+/// The cached kube-apiserver build.
+pub fn apiserver_dir() -> PathBuf {
+    home().join(".cache/llm-egress/kube-v1.20.2")
+}
+
+pub fn tool(name: &str) -> PathBuf {
+    let p = tools_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs helm and kubectl)",
+        p.display()
+    );
+    p
+}
+
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn chart_dir() -> PathBuf {
+    repo_dir().join("deploy/helm/llm-egress")
+}
+
+/// Who a kubeconfig authenticates as.
+#[derive(Clone, Copy, Debug)]
+pub enum User {
+    Admin,
+    /// system:serviceaccount:llm-egress:llm-egress-agent
+    Agent,
+    /// system:serviceaccount:istio-system:istio-egressgateway-service-account
+    Gateway,
+}
+
+impl User {
+    fn token(self) -> &'static str {
+        match self {
+            User::Admin => "admin-token",
+            User::Agent => "agent-token",
+            User::Gateway => "gateway-token",
+        }
+    }
+}
+
+const TOKENS: &str = "admin-token,admin,1,\"system:masters\"\n\
+agent-token,system:serviceaccount:llm-egress:llm-egress-agent,2,\"system:serviceaccounts,system:serviceaccounts:llm-egress\"\n\
+gateway-token,system:serviceaccount:istio-system:istio-egressgateway-service-account,3,\"system:serviceaccounts,system:serviceaccounts:istio-system\"\n";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub struct ApiServer {
+    pub apiserver: Option<Daemon>,
+    pub etcd: Daemon,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl ApiServer {
+    /// Starts etcd and the API server in `place` and waits until it is ready.
+    pub fn start(place: &Place) -> ApiServer {
+        let binary = apiserver_dir().join("kube-apiserver");
+        assert!(
+            binary.exists(),
+            "{} is missing: run `sudo -E cargo xtask setup` (it builds kube-apiserver v1.20 from Debian's sources once)",
+            binary.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("llm-egress-kube")
+            .tempdir()
+            .expect("tempdir");
+        issue_certs(&dir.path().join("certs"), &[], &["localhost"]);
+        std::fs::write(dir.path().join("tokens.csv"), TOKENS).expect("token file");
+        let sa_key = dir.path().join("sa.key");
+        let out = std::process::Command::new("openssl")
+            .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+            .arg(&sa_key)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (client, peer) = (free_port(), free_port());
+        let etcd = Daemon::start(
+            "etcd",
+            place,
+            Path::new("etcd"),
+            &[
+                "--data-dir".to_string(),
+                dir.path().join("etcd").display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls".into(),
+                format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster".into(),
+                format!("default=http://127.0.0.1:{peer}"),
+            ],
+            dir.path(),
+        );
+        let mut api = ApiServer {
+            apiserver: None,
+            etcd,
+            port: free_port(),
+            dir,
+        };
+        std::fs::write(api.dir.path().join("etcd.port"), client.to_string()).expect("write");
+        api.start_apiserver(place);
+        api
+    }
+
+    fn start_apiserver(&mut self, place: &Place) {
+        let d = |f: &str| self.dir.path().join(f).display().to_string();
+        let etcd_port = std::fs::read_to_string(self.dir.path().join("etcd.port")).expect("etcd port");
+        let args: Vec<String> = [
+            "--etcd-servers",
+            &format!("http://127.0.0.1:{etcd_port}"),
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            &self.port.to_string(),
+            // Only written into the `kubernetes` Endpoints (which refuse loopback).
+            "--advertise-address",
+            "192.0.2.1",
+            "--tls-cert-file",
+            &d("certs/gateway.pem"),
+            "--tls-private-key-file",
+            &d("certs/gateway-key.pem"),
+            "--service-account-key-file",
+            &d("sa.key"),
+            "--service-account-signing-key-file",
+            &d("sa.key"),
+            "--service-account-issuer",
+            "https://kubernetes.default.svc",
+            "--token-auth-file",
+            &d("tokens.csv"),
+            "--authorization-mode",
+            "RBAC",
+            "--service-cluster-ip-range",
+            "10.96.0.0/16",
+            // No controller-manager creates service accounts here.
+            "--disable-admission-plugins",
+            "ServiceAccount",
+            "--allow-privileged",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let binary = apiserver_dir().join("kube-apiserver");
+        self.apiserver = Some(Daemon::start(
+            "kube-apiserver",
+            place,
+            &binary,
+            &args,
+            self.dir.path(),
+        ));
+        wait_for("the API server to be ready", Duration::from_secs(60), || {
+            if let Some(a) = self.apiserver.as_mut() {
+                a.assert_running();
+            }
+            let out = self.kubectl(place, &["get", "--raw", "/readyz"]);
+            out.status.success().then_some(())
+        });
+    }
+
+    /// Stops the API server (etcd keeps the state), as in an upgrade.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut a) = self.apiserver.take() {
+            a.stop();
+        }
+    }
+
+    pub fn restart_apiserver(&mut self, place: &Place) {
+        self.stop_apiserver();
+        self.start_apiserver(place);
+    }
+
+    /// A kubeconfig for `user`, trusting the test CA.
+    pub fn kubeconfig(&self, user: User) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{user:?}.kubeconfig").to_lowercase());
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://localhost:{}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: test\n  context: {{cluster: test, user: u}}\ncurrent-context: test\n",
+            self.port,
+            self.dir.path().join("certs/ca.pem").display(),
+            user.token()
+        );
+        std::fs::write(&path, text).expect("kubeconfig");
+        path
+    }
+
+    /// kubectl as admin.
+    pub fn kubectl(&self, place: &Place, args: &[&str]) -> Output {
+        let kc = self.kubeconfig(User::Admin);
+        let mut all = vec!["--kubeconfig", kc.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        run(
+            place,
+            tool("kubectl").to_str().expect("utf-8 path"),
+            &all,
+            Duration::from_secs(60),
+        )
+    }
+
+    /// kubectl as admin, which must succeed; returns stdout.
+    pub fn kubectl_ok(&self, place: &Place, args: &[&str]) -> String {
+        let out = self.kubectl(place, args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply` of a YAML text (written to a file first).
+    pub fn apply(&self, place: &Place, yaml: &str) -> Output {
+        let file = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile_in(self.dir.path())
+            .expect("temp file");
+        std::fs::write(file.path(), yaml).expect("write manifest");
+        self.kubectl(place, &["apply", "-f", file.path().to_str().expect("utf-8 path")])
+    }
+
+    pub fn apply_ok(&self, place: &Place, yaml: &str) {
+        let out = self.apply(place, yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Renders the chart with `helm template` (CRDs included) and returns the
+/// documents of the given kinds.
+pub fn render_chart(set: &[&str]) -> String {
+    let mut cmd = std::process::Command::new(tool("helm"));
+    cmd.args(["template", "llm-egress"])
+        .arg(chart_dir())
+        .arg("--include-crds");
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 manifests")
+}
+
+/// The documents of `yaml` whose kind is one of `kinds`.
+pub fn documents_of(yaml: &str, kinds: &[&str]) -> String {
+    yaml.split("\n---")
+        .filter(|doc| {
+            doc.lines().any(|l| {
+                l.strip_prefix("kind: ")
+                    .is_some_and(|k| kinds.contains(&k.trim()))
+            })
+        })
+        .map(|d| format!("---{}\n", d.trim_start_matches('-')))
+        .collect()
+}
