@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     kube_watch::{KubeResources, Verdict},
-    resources::{fingerprint, Fingerprint, Problem, ResourceSet},
+    resources::{fingerprint, Fingerprint, Problem, ResourceSet, Severity},
 };
 
 #[derive(Clone)]
@@ -42,7 +42,26 @@ impl ResourceSource {
             ResourceSource::Dir(dir) => {
                 ResourceSet::load_dir_checked(dir).map(|(set, problems)| (set, problems, Vec::new()))
             }
-            ResourceSource::Kube(k) => Ok(k.load()),
+            ResourceSource::Kube(k) => {
+                // Invalid objects are already left out one by one (their last
+                // good version kept); they must not fail the whole set, so
+                // they are passed on as warnings, for /readyz and `status`.
+                let (set, problems, verdicts) = k.load();
+                let problems = problems
+                    .into_iter()
+                    .map(|mut p| {
+                        if p.severity == Severity::Error {
+                            p.severity = Severity::Warning;
+                            p.message = format!(
+                                "rejected, its last good version (if any) stays in force: {}",
+                                p.message
+                            );
+                        }
+                        p
+                    })
+                    .collect();
+                Ok((set, problems, verdicts))
+            }
         }
     }
 

@@ -211,7 +211,19 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
     assert_eq!(enrolled(&lab), ["team-b/solo/solo"]);
     // Back: the watch resumes, and changes made now are followed.
     api.restart_apiserver(&node);
-    api.kubectl_ok(&node, &["-n", "team-b", "delete", "pod", "solo", "--wait=false"]);
+    // No kubelet here to finish a graceful deletion: delete at once.
+    api.kubectl_ok(
+        &node,
+        &[
+            "-n",
+            "team-b",
+            "delete",
+            "pod",
+            "solo",
+            "--grace-period=0",
+            "--force",
+        ],
+    );
     api.kubectl_ok(
         &node,
         &["-n", "team-a", "label", "pod", "sleep", "llm-egress.io/capture-"],

@@ -253,14 +253,23 @@ impl ApiServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `kubectl apply` of a YAML text (written to a file first).
+    /// `kubectl apply` of a YAML text (written to a file first). kubectl's own
+    /// schema check is off: what is accepted or refused is the API server's call.
     pub fn apply(&self, place: &Place, yaml: &str) -> Output {
         let file = tempfile::Builder::new()
             .suffix(".yaml")
             .tempfile_in(self.dir.path())
             .expect("temp file");
         std::fs::write(file.path(), yaml).expect("write manifest");
-        self.kubectl(place, &["apply", "-f", file.path().to_str().expect("utf-8 path")])
+        self.kubectl(
+            place,
+            &[
+                "apply",
+                "--validate=false",
+                "-f",
+                file.path().to_str().expect("utf-8 path"),
+            ],
+        )
     }
 
     pub fn apply_ok(&self, place: &Place, yaml: &str) {
