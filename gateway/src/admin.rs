@@ -30,6 +30,11 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     for w in &st.warnings {
         body.push_str(&format!("{w}\n"));
     }
+    for e in gw.config.watch_errors() {
+        body.push_str(&format!(
+            "Kubernetes watch failing (serving what was last seen): {e}\n"
+        ));
+    }
     (
         if st.loaded {
             StatusCode::OK

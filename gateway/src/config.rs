@@ -227,6 +227,12 @@ impl ConfigSource {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Kubernetes collections that currently fail to watch (what was last
+    /// seen stays in force).
+    pub fn watch_errors(&self) -> Vec<String> {
+        self.source.kube().map(|k| k.watch_errors()).unwrap_or_default()
+    }
+
     /// Reloads if anything changed. Returns `Some(ok)` when it tried.
     pub fn check(&self) -> Option<bool> {
         let key_files = self.key_files.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -1,5 +1,5 @@
-//! Provider API keys. `apiKey: ${API_KEY}` expands from the gateway's
-//! environment; `apiKey: ${file:/path}` reads a mounted Secret (re-read when
+//! Provider API keys. `apiKey: ${API_KEY}` expands from the key `API_KEY`
+//! of the watched Secret (Kubernetes) or else from the gateway's environment; `apiKey: ${file:/path}` reads a mounted Secret (re-read when
 //! the configuration is reloaded, which a change of the file triggers). A
 //! key is held in `Secret`, whose Debug and Display never show it.
 
@@ -33,7 +33,7 @@ impl fmt::Display for Secret {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SecretError {
-    #[error("environment variable {0} is not set; set it in the gateway's environment (e.g. from a Kubernetes Secret)")]
+    #[error("{0} is not set: on Kubernetes add the key {0} to the gateway's --api-key-secret Secret (kubectl -n <gateway namespace> create secret generic llm-egress-provider-keys --from-literal={0}=...); elsewhere set the environment variable {0}")]
     MissingEnv(String),
     #[error("key file {0} cannot be read: {1}")]
     File(PathBuf, String),
