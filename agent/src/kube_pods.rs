@@ -296,6 +296,46 @@ mod tests {
         }
     }
 
+    fn pod(ns: &str, name: &str, phase: &str, sa: Option<&str>, label: Option<&str>) -> Pod {
+        let mut v = serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}")},
+            "spec": {"containers": [{"name": "c"}]},
+            "status": {"phase": phase},
+        });
+        if let Some(sa) = sa {
+            v["spec"]["serviceAccountName"] = sa.into();
+        }
+        if let Some(l) = label {
+            v["metadata"]["labels"] = serde_json::json!({ CAPTURE_LABEL: l });
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn finished_pods_are_left_out_and_the_service_account_defaults() {
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for p in [
+            pod("a", "running", "Running", Some("sleep"), None),
+            pod("a", "pending", "Pending", None, None),
+            pod("a", "done", "Succeeded", Some("sleep"), None),
+            pod("a", "failed", "Failed", Some("sleep"), None),
+            pod("b", "unlabelled", "Running", Some("x"), None),
+            pod("b", "labelled", "Running", Some("x"), Some("enabled")),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::InitApply(p));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let namespaces = HashMap::from([("a".to_string(), true), ("b".to_string(), false)]);
+        let mut got: Vec<(String, String)> = enrolled_pods(&store, &namespaces)
+            .into_iter()
+            .map(|p| (p.name, p.service_account))
+            .collect();
+        got.sort();
+        let want = [("labelled", "x"), ("pending", "default"), ("running", "sleep")];
+        assert_eq!(got, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    }
+
     #[test]
     fn pod_label_overrides_the_namespace() {
         let labels = |v: Option<&str>| {

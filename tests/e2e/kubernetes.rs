@@ -422,12 +422,127 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         "the DENY deleted after the API server restart",
     )
     .await;
+
+    // The key Secret is watched: a rotated key is used without a restart.
+    let set_key = |key: &str| {
+        let patch = format!(r#"{{"stringData": {{"API_KEY": "{key}"}}}}"#);
+        api.kubectl_ok(
+            &HOST,
+            &[
+                "-n",
+                "istio-system",
+                "patch",
+                "secret",
+                "llm-egress-provider-keys",
+                "-p",
+                &patch,
+            ],
+        );
+    };
+    set_key("sk-rotated-but-wrong");
+    wait_status(
+        &lab,
+        StatusCode::UNAUTHORIZED,
+        "the provider refusing the rotated (wrong) key",
+    )
+    .await;
+    set_key(&lab.api_key.clone());
+    wait_status(&lab, StatusCode::OK, "the right key back").await;
+
     let logs = lab.gateway_logs();
     assert!(
         !logs.contains(&lab.api_key),
         "the key leaked into the gateway log"
     );
+    assert!(
+        !logs.contains("sk-rotated-but-wrong"),
+        "the key leaked into the gateway log"
+    );
     lab.stop_provider();
+}
+
+/// `kubectl auth can-i`; `what` may be `TYPE/NAME` or `TYPE/status`.
+fn can_i(api: &ApiServer, who: &str, verb: &str, what: &str, ns: &str) -> bool {
+    let mut args = vec!["auth", "can-i", verb, "-n", ns, "--as", who];
+    match what.strip_suffix("/status") {
+        Some(kind) => args.extend([kind, "--subresource=status"]),
+        None => args.push(what),
+    }
+    let out = api.kubectl(&HOST, &args);
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+#[test]
+fn chart_rbac_grants_the_agent_and_gateway_only_what_they_use() {
+    let api = ApiServer::start(&HOST);
+    install_basics(&api, &HOST, &crds());
+    let agent = "system:serviceaccount:llm-egress:llm-egress-agent";
+    let gateway = "system:serviceaccount:istio-system:istio-egressgateway-service-account";
+    for (who, verb, what, ns, allowed) in [
+        (agent, "watch", "pods", "default", true),
+        (agent, "list", "namespaces", "default", true),
+        (
+            agent,
+            "watch",
+            "llmroutes.istio.alibabacloud.com",
+            "default",
+            true,
+        ),
+        (agent, "get", "secrets", "istio-system", false),
+        (
+            agent,
+            "list",
+            "llmproviders.istio.alibabacloud.com",
+            "istio-system",
+            false,
+        ),
+        (agent, "patch", "pods", "default", false),
+        (
+            gateway,
+            "watch",
+            "llmproviders.istio.alibabacloud.com",
+            "default",
+            true,
+        ),
+        (
+            gateway,
+            "watch",
+            "authorizationpolicies.security.istio.io",
+            "default",
+            true,
+        ),
+        (gateway, "watch", "gateways.networking.istio.io", "default", true),
+        (
+            gateway,
+            "patch",
+            "llmroutes.istio.alibabacloud.com/status",
+            "default",
+            true,
+        ),
+        (
+            gateway,
+            "patch",
+            "llmroutes.istio.alibabacloud.com",
+            "default",
+            false,
+        ),
+        (
+            gateway,
+            "get",
+            "secrets/llm-egress-provider-keys",
+            "istio-system",
+            true,
+        ),
+        (gateway, "get", "secrets/other", "istio-system", false),
+        (gateway, "list", "secrets", "default", false),
+        (gateway, "list", "pods", "default", false),
+    ] {
+        assert_eq!(
+            can_i(&api, who, verb, what, ns),
+            allowed,
+            "{who} {verb} {what} in {ns}"
+        );
+    }
 }
 
 #[test]
