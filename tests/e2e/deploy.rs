@@ -16,6 +16,29 @@ fn rendered_docs(set: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// A container's `args` as strings.
+fn args_of(container: &Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect()
+}
+
+/// Every flag the chart passes (after the subcommand) is one `binary run` has.
+fn assert_flags_accepted(binary: &std::path::Path, args: &[&str]) {
+    let out = Command::new(binary)
+        .args(["run", "--help"])
+        .output()
+        .expect("run --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for a in &args[1..] {
+        let flag = a.split('=').next().unwrap_or(a);
+        assert!(help.contains(flag), "{} has no flag {flag}", binary.display());
+    }
+}
+
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
@@ -115,12 +138,7 @@ fn agent_daemonset_is_privileged_on_the_host_network_with_bpffs_cgroup_and_probe
     let host = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap()["hostPath"]["path"].clone();
     assert_eq!(host("bpffs"), "/sys/fs/bpf");
     assert_eq!(host("cgroup"), "/sys/fs/cgroup");
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = args_of(c);
     assert!(args.contains(&"--kubernetes"), "{args:?}");
     assert!(args.contains(&"--cgroup-root=/host/sys/fs/cgroup"), "{args:?}");
     assert!(args.contains(&"--proxy-advertise=$(NODE_IP):15001"), "{args:?}");
@@ -137,15 +155,7 @@ fn agent_daemonset_is_privileged_on_the_host_network_with_bpffs_cgroup_and_probe
         .collect();
     assert!(env.contains(&("NODE_IP", "status.hostIP")) && env.contains(&("NODE_NAME", "spec.nodeName")));
     // The agent's flags as rendered are flags the agent accepts.
-    let out = Command::new(env::agent_bin())
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
-    for a in &args[1..] {
-        let flag = a.split('=').next().unwrap();
-        assert!(help.contains(flag), "the agent has no flag {flag}");
-    }
+    assert_flags_accepted(&env::agent_bin(), &args);
 }
 
 #[test]
@@ -162,21 +172,8 @@ fn gateway_runs_non_root_behind_a_service_and_pdb_with_spiffe_certificates() {
     let c = &pod["containers"][0];
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let out = Command::new(env::gateway_bin())
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
-    for a in &args[1..] {
-        let flag = a.split('=').next().unwrap();
-        assert!(help.contains(flag), "the gateway has no flag {flag}");
-    }
+    let args = args_of(c);
+    assert_flags_accepted(&env::gateway_bin(), &args);
     assert_eq!(
         find(&docs, "Service", "istio-egressgateway")["spec"]["ports"][0]["port"],
         15008

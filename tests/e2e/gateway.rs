@@ -34,29 +34,10 @@ async fn stream_call(lab: &GatewayLab) -> hyper::Response<hyper::body::Incoming>
     resp
 }
 
-async fn seed_call(
-    lab: &GatewayLab,
-    cert: &str,
-    who: &llm_egress_mesh::tunnel::WorkloadIdentity,
-) -> (StatusCode, String) {
-    let client = lab.tunnel_client(cert);
-    let stream = client
-        .connect(&format!("{}:80", lab.ip), who)
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(SEED_BODY))
-        .await
-        .expect("response");
-    let status = resp.status();
-    (status, body_text(resp).await)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_request_through_the_tunnel_reaches_the_provider_adapted() {
     let lab = GatewayLab::new();
-    let (status, body) = seed_call(&lab, "agent", &identity("default", "sleep")).await;
+    let (status, body) = lab.seed_call("agent", &identity("default", "sleep")).await;
     assert_eq!(status, StatusCode::OK, "{body}\n{}", lab.gateway_logs());
     let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON completion");
     assert!(answer["choices"][0]["message"]["content"]
@@ -115,7 +96,7 @@ async fn direct_mtls_entry_uses_the_certificate_identity() {
 async fn deny_policy_applied_while_running_answers_rbac_access_denied() {
     let lab = GatewayLab::new();
     let who = identity("default", "sleep");
-    assert_eq!(seed_call(&lab, "agent", &who).await.0, StatusCode::OK);
+    assert_eq!(lab.seed_call("agent", &who).await.0, StatusCode::OK);
 
     lab.apply(
         "authpolicy.yaml",
@@ -123,7 +104,7 @@ async fn deny_policy_applied_while_running_answers_rbac_access_denied() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, body) = loop {
-        let (s, b) = seed_call(&lab, "agent", &who).await;
+        let (s, b) = lab.seed_call("agent", &who).await;
         if s != StatusCode::OK || Instant::now() > deadline {
             break (s, b);
         }
@@ -134,7 +115,7 @@ async fn deny_policy_applied_while_running_answers_rbac_access_denied() {
     let before = lab.provider_requests().len();
     // Another service account is not matched by the seed's policy.
     assert_eq!(
-        seed_call(&lab, "agent", &identity("default", "other")).await.0,
+        lab.seed_call("agent", &identity("default", "other")).await.0,
         StatusCode::OK
     );
     assert_eq!(lab.provider_requests().len(), before + 1);
@@ -142,7 +123,7 @@ async fn deny_policy_applied_while_running_answers_rbac_access_denied() {
     lab.remove("authpolicy.yaml");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (s, _) = seed_call(&lab, "agent", &who).await;
+        let (s, _) = lab.seed_call("agent", &who).await;
         if s == StatusCode::OK {
             break;
         }
@@ -163,16 +144,16 @@ async fn identity_headers_count_only_from_agents_and_a_client_certificate_is_req
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sleep = identity("default", "sleep");
     // The agent may speak for default/sleep.
-    assert_eq!(seed_call(&lab, "agent", &sleep).await.0, StatusCode::OK);
+    assert_eq!(lab.seed_call("agent", &sleep).await.0, StatusCode::OK);
     // A workload certificate (default/other) claiming to be sleep is still other.
-    let (status, body) = seed_call(&lab, "workload-default-other", &sleep).await;
+    let (status, body) = lab.seed_call("workload-default-other", &sleep).await;
     assert_eq!(
         (status, body.as_str()),
         (StatusCode::FORBIDDEN, "RBAC: access denied")
     );
     // The genuine sleep certificate, without headers, is sleep.
     assert_eq!(
-        seed_call(&lab, "workload-default-sleep", &sleep).await.0,
+        lab.seed_call("workload-default-sleep", &sleep).await.0,
         StatusCode::OK
     );
 
@@ -233,7 +214,7 @@ async fn the_key_never_appears_in_logs_responses_or_metrics() {
     let who = identity("default", "sleep");
     let mut responses = String::new();
     // Success, a client that sends its own key, a bad body, no route, denied, provider down.
-    responses.push_str(&seed_call(&lab, "agent", &who).await.1);
+    responses.push_str(&lab.seed_call("agent", &who).await.1);
     let client = lab.tunnel_client("agent");
     let mut http = http_over(client.connect(&format!("{}:80", lab.ip), &who).await.unwrap()).await;
     for (host, body, auth) in [
@@ -265,11 +246,11 @@ async fn the_key_never_appears_in_logs_responses_or_metrics() {
         &std::fs::read_to_string(examples_dir().join("authpolicy.yaml")).unwrap(),
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    responses.push_str(&seed_call(&lab, "agent", &who).await.1);
+    responses.push_str(&lab.seed_call("agent", &who).await.1);
     lab.remove("authpolicy.yaml");
     lab.stop_provider();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, body) = seed_call(&lab, "agent", &who).await;
+    let (status, body) = lab.seed_call("agent", &who).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     responses.push_str(&body);
     let metrics = lab.admin_get("/metrics").await;
@@ -424,7 +405,7 @@ async fn a_reload_does_not_drop_a_request_in_flight() {
     );
     // New requests see the new policy.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, body) = seed_call(&lab, "agent", &identity("default", "sleep")).await;
+    let (status, body) = lab.seed_call("agent", &identity("default", "sleep")).await;
     assert_eq!(
         (status, body.as_str()),
         (StatusCode::FORBIDDEN, "RBAC: access denied")

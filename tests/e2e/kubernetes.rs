@@ -258,25 +258,10 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
     );
 }
 
-async fn seed_status(lab: &GatewayLab) -> (StatusCode, String) {
-    let client = lab.tunnel_client("agent");
-    let stream = client
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(SEED_BODY))
-        .await
-        .expect("response");
-    let status = resp.status();
-    (status, body_text(resp).await)
-}
-
 async fn wait_status(lab: &GatewayLab, want: StatusCode, what: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let (status, body) = seed_status(lab).await;
+        let (status, body) = lab.seed_call("agent", &identity("default", "sleep")).await;
         if status == want {
             return body;
         }
@@ -394,7 +379,10 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         "{}",
         lab.gateway_logs()
     );
-    assert_eq!(seed_status(&lab).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        lab.seed_call("agent", &identity("default", "sleep")).await.0,
+        StatusCode::FORBIDDEN
+    );
 
     // Breaking the DENY itself keeps its last good version in force.
     api.apply_ok(
@@ -405,7 +393,7 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         (accepted(&api, "authorizationpolicy", "istio-system", "test").0 == "False").then_some(())
     });
     assert_eq!(
-        seed_status(&lab).await.0,
+        lab.seed_call("agent", &identity("default", "sleep")).await.0,
         StatusCode::FORBIDDEN,
         "a bad update must not lift the DENY"
     );

@@ -208,6 +208,22 @@ impl GatewayLab {
         }
     }
 
+    /// The seed's request through the tunnel, with certificate `cert`, as `who`.
+    pub async fn seed_call(&self, cert: &str, who: &WorkloadIdentity) -> (hyper::StatusCode, String) {
+        let client = self.tunnel_client(cert);
+        let stream = client
+            .connect(&format!("{}:80", self.ip), who)
+            .await
+            .expect("tunnel stream");
+        let mut http = http_over(stream).await;
+        let resp = http
+            .send_request(seed_request(SEED_BODY))
+            .await
+            .expect("response");
+        let status = resp.status();
+        (status, body_text(resp).await)
+    }
+
     /// A tunnel client presenting certificate `name` (`agent`, `workload-default-sleep`, …).
     pub fn tunnel_client(&self, name: &str) -> TunnelClient {
         let cfg = Arc::new(client_config(&self.tls_files(name), &[ALPN_H2]).expect("client TLS config"));
