@@ -222,8 +222,8 @@ where
 /// The verdict on one object version.
 #[derive(Debug, Clone)]
 struct Checked {
-    uid: String,
-    generation: i64,
+    /// What the check depends on: uid, generation (spec) and labels.
+    fingerprint: u64,
     /// The object alone as a resource set, if it is valid.
     valid: Option<ResourceSet>,
     problems: Vec<Problem>,
@@ -292,9 +292,33 @@ impl KubeResources {
         })
     }
 
-    /// Bumped on every change of any watched collection.
-    pub fn generation(&self) -> u64 {
-        *self.changed.borrow()
+    /// Changes when the resources' specs or labels, or the Secret, change;
+    /// not when only a status does (so writing status triggers no reload).
+    pub fn stamp(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (kind, watched) in &self.kinds {
+            let mut objects: Vec<(String, String, u64)> = watched
+                .store
+                .state()
+                .iter()
+                .map(|o| {
+                    (
+                        o.namespace().unwrap_or_default(),
+                        o.name_any(),
+                        object_fingerprint(o),
+                    )
+                })
+                .collect();
+            objects.sort();
+            (kind.kind, objects).hash(&mut h);
+        }
+        if let Some(secret) = &self.secret {
+            for s in secret.store.state() {
+                s.metadata.resource_version.hash(&mut h);
+            }
+        }
+        h.finish()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -360,11 +384,10 @@ impl KubeResources {
                 let uid = obj.uid().unwrap_or_default();
                 let generation = obj.meta().generation.unwrap_or(0);
                 present.push(key.clone());
-                let fresh = checked
-                    .get(&key)
-                    .is_some_and(|c| c.uid == uid && c.generation == generation);
+                let fingerprint = object_fingerprint(&obj);
+                let fresh = checked.get(&key).is_some_and(|c| c.fingerprint == fingerprint);
                 if !fresh {
-                    let c = check_object(kind, &obj, uid.clone(), generation);
+                    let c = check_object(kind, &obj, fingerprint);
                     for p in &c.problems {
                         match p.severity {
                             Severity::Error => {
@@ -476,7 +499,19 @@ fn short_problem(p: &Problem) -> String {
 }
 
 /// Parses and validates one object on its own.
-fn check_object(kind: &WatchedKind, obj: &DynamicObject, uid: String, generation: i64) -> Checked {
+/// Changes when what a check reads changes: not on status updates, which
+/// bump only the resourceVersion (the status subresource keeps
+/// `generation` for spec changes).
+fn object_fingerprint(obj: &DynamicObject) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    obj.uid().hash(&mut h);
+    obj.meta().generation.hash(&mut h);
+    obj.labels().hash(&mut h);
+    h.finish()
+}
+
+fn check_object(kind: &WatchedKind, obj: &DynamicObject, fingerprint: u64) -> Checked {
     let mut metadata = serde_json::Map::new();
     metadata.insert("name".into(), obj.name_any().into());
     if let Some(ns) = obj.namespace() {
@@ -514,8 +549,7 @@ fn check_object(kind: &WatchedKind, obj: &DynamicObject, uid: String, generation
     problems.extend(set.validate());
     let valid = (!problems.iter().any(|p| p.severity == Severity::Error)).then_some(set);
     Checked {
-        uid,
-        generation,
+        fingerprint,
         valid,
         problems,
     }
@@ -538,7 +572,7 @@ mod tests {
             "r",
             serde_json::json!({"host": "a.example", "rules": [{"backendRefs": [{"providerHost": "gw"}]}]}),
         );
-        let c = check_object(&LLM_ROUTE, &o, "u1".into(), 1);
+        let c = check_object(&LLM_ROUTE, &o, 1);
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         let set = c.valid.unwrap();
         assert_eq!(set.routes.len(), 1);
@@ -553,11 +587,11 @@ mod tests {
             "r",
             serde_json::json!({"rules": [{"backendRefs": [{"providerHost": "gw"}]}]}),
         );
-        let c = check_object(&LLM_ROUTE, &o, "u1".into(), 1);
+        let c = check_object(&LLM_ROUTE, &o, 1);
         assert!(c.valid.is_none());
         assert!(short_problem(&c.problems[0]).contains("host"), "{:?}", c.problems);
         let o = object(&AUTHORIZATION_POLICY, "p", serde_json::json!({"action": "MAYBE"}));
-        let c = check_object(&AUTHORIZATION_POLICY, &o, "u2".into(), 1);
+        let c = check_object(&AUTHORIZATION_POLICY, &o, 2);
         assert!(c.valid.is_none());
         assert_eq!(
             c.problems[0].field.as_deref(),

@@ -22,7 +22,8 @@ pub enum ResourceSource {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stamp {
     Files(Fingerprint),
-    Generation(u64),
+    /// `KubeResources::stamp`.
+    Api(u64),
 }
 
 impl ResourceSource {
@@ -30,7 +31,7 @@ impl ResourceSource {
     pub fn stamp(&self, extra: &[PathBuf]) -> Stamp {
         match self {
             ResourceSource::Dir(dir) => Stamp::Files(fingerprint(dir, extra)),
-            ResourceSource::Kube(k) => Stamp::Generation(k.generation()),
+            ResourceSource::Kube(k) => Stamp::Api(k.stamp()),
         }
     }
 

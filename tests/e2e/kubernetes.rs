@@ -348,6 +348,29 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
     wait_for("the route's status", Duration::from_secs(10), || {
         (accepted(&api, "llmroute", "default", "dashscope-route").0 == "True").then_some(())
     });
+    // Writing status is no change of configuration: a new resource is one
+    // reload, not a second one for the status the gateway writes on it.
+    let reloads = |m: String| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("llm_egress_gateway_config_reloads_total{result=\"success\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = reloads(lab.admin_get("/metrics").await);
+    api.apply_ok(
+        &HOST,
+        "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: other-gw, namespace: istio-system}\nspec:\n  selector: {istio: ingressgateway}\n  servers: [{hosts: ['*'], port: {number: 80, name: http, protocol: HTTP}}]\n",
+    );
+    wait_for("the new Gateway's status", Duration::from_secs(10), || {
+        (accepted(&api, "gateway", "istio-system", "other-gw").0 == "True").then_some(())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        reloads(lab.admin_get("/metrics").await),
+        before + 1,
+        "status writes caused reloads"
+    );
 
     // The seed's DENY applies within moments.
     let deny = std::fs::read_to_string(examples_dir().join("authpolicy.yaml")).unwrap();
