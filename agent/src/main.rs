@@ -123,6 +123,9 @@ struct RunArgs {
     /// Node name: whose Pods --kubernetes watches, and sent with each tunnelled connection (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Mount a bpffs on the parent of --bpffs when none is mounted there (nodes without one, e.g. kind).
+    #[arg(long)]
+    mount_bpffs: bool,
     /// Seconds to let open connections finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -269,7 +272,14 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     preflight::check_capabilities().map_err(env_fail)?;
     preflight::check_bpf().map_err(env_fail)?;
     preflight::check_cgroup_root(&cfg.cgroup_root).map_err(env_fail)?;
-    preflight::check_bpffs(&cfg.bpffs).map_err(env_fail)?;
+    if let Err(e) = preflight::check_bpffs(&cfg.bpffs) {
+        if !args.mount_bpffs {
+            return Err(env_fail(e));
+        }
+        let at = preflight::mount_bpffs(&cfg.bpffs).map_err(env_fail)?;
+        tracing::info!(path = %at.display(), "no bpffs was mounted; mounted one (--mount-bpffs)");
+        preflight::check_bpffs(&cfg.bpffs).map_err(env_fail)?;
+    }
 
     // A bad workload file is a configuration error at startup; later it only
     // keeps the last good list.

@@ -29,6 +29,8 @@ pub enum PreflightError {
     NotCgroup2(PathBuf),
     #[error("no bpffs is mounted at {0}: mount one (`mount -t bpf bpf {0}`) or, in a DaemonSet, mount the host's /sys/fs/bpf; pinned programs keep capture in place across agent restarts")]
     BpffsNotMounted(PathBuf),
+    #[error("cannot mount a bpffs at {path}: {source}")]
+    MountBpffs { path: PathBuf, source: std::io::Error },
     #[error("cannot inspect {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -109,6 +111,35 @@ pub fn check_bpffs(pin_dir: &Path) -> Result<(), PreflightError> {
         Ok(BPF_FS_MAGIC) => Ok(()),
         Ok(_) | Err(_) => Err(PreflightError::BpffsNotMounted(existing.to_owned())),
     }
+}
+
+/// Mounts a bpffs on the directory that will hold `pin_dir`, as Cilium does
+/// on nodes that lack one (kind nodes, some distributions). In a DaemonSet
+/// the mount propagates to the host through the Bidirectional volume, so
+/// pins outlive the agent's container.
+pub fn mount_bpffs(pin_dir: &Path) -> Result<PathBuf, PreflightError> {
+    let at = pin_dir.parent().unwrap_or(pin_dir).to_owned();
+    let fail = |source| PreflightError::MountBpffs {
+        path: at.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&at).map_err(fail)?;
+    let target = CString::new(at.as_os_str().as_bytes())
+        .map_err(|_| fail(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: every pointer is a valid NUL-terminated string or null.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    Ok(at)
 }
 
 pub fn is_cgroup2(path: &Path) -> bool {

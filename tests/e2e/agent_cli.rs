@@ -134,3 +134,47 @@ fn help_describes_every_flag() {
         );
     }
 }
+
+#[test]
+fn mount_bpffs_mounts_one_where_none_is_and_pins_there() {
+    env::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let workloads = dir.path().join("workloads.yaml");
+    std::fs::write(&workloads, "workloads: []\n").unwrap();
+    let cgroup = llm_egress_tests::cgroup::TestCgroup::new(
+        cgroup2_mount().join(format!("llm-egress-test-mount-{}", env::unique_id())),
+    );
+    // A plain directory where the DaemonSet would mount the host's /sys/fs/bpf.
+    let bpf_root = dir.path().join("sys-fs-bpf");
+    let pins = bpf_root.join("llm-egress");
+    let (w, cg, p) = (
+        workloads.to_str().unwrap(),
+        cgroup.path.to_str().unwrap(),
+        pins.to_str().unwrap(),
+    );
+    let mut args = base_args(w, cg, p);
+    args.push("--mount-bpffs");
+    let mut child = Command::new(env::agent_bin())
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fs_type = || llm_egress_tests::netns::sh(&format!("stat -f -c %T {}", bpf_root.display()));
+    let mut pinned = false;
+    for _ in 0..100 {
+        if pins.join("links").exists() {
+            pinned = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mounted = fs_type();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let _ = Command::new(env::agent_bin())
+        .args(["uninstall", "--bpffs", p])
+        .output();
+    let _ = Command::new("umount").arg(&bpf_root).status();
+    assert!(mounted.trim() == "bpf_fs", "not mounted: {mounted}");
+    assert!(pinned, "nothing pinned: {}", String::from_utf8_lossy(&out.stderr));
+}

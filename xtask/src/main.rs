@@ -23,6 +23,9 @@ enum Cmd {
         /// Also install the benchmark's peers (Envoy, nginx, matplotlib).
         #[arg(long)]
         bench: bool,
+        /// Only the eBPF toolchain (nightly rust-src, bpf-linker): what an image build needs.
+        #[arg(long, conflicts_with = "bench")]
+        toolchain_only: bool,
     },
     /// Build the kernel programs and the agent that embeds them.
     BuildEbpf,
@@ -179,8 +182,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Setup { bench } => {
-            setup::setup(true)?;
+        Cmd::Setup { bench, toolchain_only } => {
+            setup::setup(!toolchain_only)?;
             if bench {
                 setup::bench_peers()?;
             }
