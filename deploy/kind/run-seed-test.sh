@@ -74,7 +74,7 @@ spec:
 YAML
   k -n istio-system rollout status deploy/test-provider --timeout 120s
   provider_ip="$(k -n istio-system get svc test-provider -o jsonpath='{.spec.clusterIP}')"
-  extra=(--set "gateway.extraArgs={--resolve,dashscope.aliyuncs.com=$provider_ip,--upstream-ca,/etc/llm-egress/tls/ca.crt}")
+  extra=(--set-json "gateway.extraArgs=[\"--resolve\",\"dashscope.aliyuncs.com=$provider_ip\",\"--upstream-ca\",\"/etc/llm-egress/tls/ca.crt\"]")
 fi
 
 echo "==> helm install"

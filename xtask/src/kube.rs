@@ -61,9 +61,9 @@ pub fn kind(keep: bool) -> anyhow::Result<()> {
     }
     if !missing.is_empty() {
         bail!(
-            "`cargo xtask kind` needs {} on this machine (a Docker engine that can pull images, and kind: https://kind.sigs.k8s.io); \
-             they are missing here. Everything else is tested without them by `cargo xtask test`.",
-            missing.join(" and ")
+            "`cargo xtask kind` needs Docker (an engine that can pull images) and kind (https://kind.sigs.k8s.io); \
+             missing here: {}. Install them and run it again. Everything else is tested without them by `cargo xtask test`.",
+            missing.join(", ")
         );
     }
     if !Command::new("docker")

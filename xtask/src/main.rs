@@ -180,9 +180,23 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Cmd::Setup { bench, toolchain_only } => {
+fn main() -> std::process::ExitCode {
+    // The message, not a backtrace: these are a user's errors to act on.
+    match run_command(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(command: Cmd) -> anyhow::Result<()> {
+    match command {
+        Cmd::Setup {
+            bench,
+            toolchain_only,
+        } => {
             setup::setup(!toolchain_only)?;
             if bench {
                 setup::bench_peers()?;
