@@ -106,11 +106,13 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 /// Commands the end-to-end tests and the demo run, and their Debian packages.
-const TOOLS: [(&str, &str); 4] = [
+const TOOLS: [(&str, &str); 5] = [
     ("ip", "iproute2"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
+    // The Kubernetes tests make the API server's service-account key with it.
+    ("openssl", "openssl"),
 ];
 
 fn have(cmd: &str) -> bool {
