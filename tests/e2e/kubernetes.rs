@@ -145,11 +145,28 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
         ],
     );
     let cgroup = make_pod_cgroup(&lab, &uid);
+    // As a kubelet does once the containers run: a status update (an event).
+    let started = std::time::Instant::now();
+    api.kubectl_ok(
+        &node,
+        &[
+            "-n",
+            "team-a",
+            "patch",
+            "pod",
+            "sleep",
+            "--subresource=status",
+            "-p",
+            r#"{"status": {"phase": "Running"}}"#,
+        ],
+    );
     wait_for("team-a/sleep enrolled", Duration::from_secs(5), || {
         enrolled(&lab)
             .contains(&"team-a/sleep/sleep".to_string())
             .then_some(())
     });
+    // Informational (not asserted): how long the event took to reach the kernel map.
+    eprintln!("enrolled {:?} after the pod's status update", started.elapsed());
     let answer = lab.fetch_from(&cgroup, &["-4", &format!("http://{LLM_HOST}/k8s")]);
     assert!(
         answer["peer"].as_str().unwrap().starts_with(NODE_INET_V4),
