@@ -604,3 +604,76 @@ fn generated_crds_make_the_api_server_reject_what_validation_rejects() {
         assert!(err.contains(field), "{field} not named: {err}");
     }
 }
+
+#[test]
+fn helm_install_creates_the_release_and_leaves_an_existing_istio_system_alone() {
+    let api = ApiServer::start(&HOST);
+    // Istio was here first.
+    api.kubectl_ok(&HOST, &["create", "namespace", "istio-system"]);
+    let kubeconfig = api.kubeconfig(User::Admin);
+    let out = std::process::Command::new(tool("helm"))
+        .args(["install", "llm-egress"])
+        .arg(chart_dir())
+        .args(["--set", "certificates.mode=existingSecrets", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .expect("helm");
+    assert!(
+        out.status.success(),
+        "helm install: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let get = |args: &[&str]| api.kubectl_ok(&HOST, args);
+    assert!(get(&["get", "crd", "llmroutes.istio.alibabacloud.com", "-o", "name"]).contains("llmroutes"));
+    assert!(get(&[
+        "-n",
+        "llm-egress",
+        "get",
+        "daemonset",
+        "llm-egress-agent",
+        "-o",
+        "name"
+    ])
+    .contains("daemonset"));
+    assert!(get(&[
+        "-n",
+        "istio-system",
+        "get",
+        "deployment,service,pdb",
+        "-o",
+        "name"
+    ])
+    .contains("istio-egressgateway"));
+    // The existing namespace was not adopted (uninstalling must not touch it).
+    let ns = get(&[
+        "get",
+        "namespace",
+        "istio-system",
+        "-o",
+        "jsonpath={.metadata.annotations}",
+    ]);
+    assert!(!ns.contains("meta.helm.sh/release-name"), "{ns}");
+    let ns = get(&[
+        "get",
+        "namespace",
+        "llm-egress",
+        "-o",
+        "jsonpath={.metadata.labels}",
+    ]);
+    assert!(ns.contains("llm-egress.io/capture"), "{ns}");
+    // An upgrade keeps the namespace it created.
+    let out = std::process::Command::new(tool("helm"))
+        .args(["upgrade", "llm-egress"])
+        .arg(chart_dir())
+        .args(["--set", "certificates.mode=existingSecrets", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .expect("helm");
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(get(&["get", "namespace", "llm-egress", "-o", "name"]).contains("llm-egress"));
+}
