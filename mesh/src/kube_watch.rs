@@ -250,6 +250,20 @@ pub struct Verdict {
     pub generation: i64,
     /// Empty when accepted.
     pub problems: Vec<String>,
+    /// The `Accepted` condition the object carries now: (observedGeneration,
+    /// message), so that a restarted gateway (or another replica) does not
+    /// write what is already there.
+    pub current: Option<(i64, String)>,
+}
+
+/// The object's `Accepted` condition, as `report` writes it.
+fn current_condition(obj: &DynamicObject) -> Option<(i64, String)> {
+    let conditions = obj.data.get("status")?.get("conditions")?.as_array()?;
+    let accepted = conditions.iter().find(|c| c["type"] == "Accepted")?;
+    Some((
+        accepted["observedGeneration"].as_i64()?,
+        accepted["message"].as_str()?.to_string(),
+    ))
 }
 
 impl KubeResources {
@@ -414,6 +428,7 @@ impl KubeResources {
                         .filter(|p| p.severity == Severity::Error)
                         .map(short_problem)
                         .collect(),
+                    current: current_condition(&obj),
                 });
                 match last_good.get(&key) {
                     Some((good_uid, good)) if *good_uid == uid => set.merge(good.clone()),
@@ -441,7 +456,8 @@ impl KubeResources {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&key)
-                .is_some_and(|(g, m)| *g == v.generation && *m == message);
+                .is_some_and(|(g, m)| *g == v.generation && *m == message)
+                || v.current.as_ref() == Some(&(v.generation, message.clone()));
             if unchanged {
                 continue;
             }
@@ -563,6 +579,17 @@ mod tests {
         let mut o = DynamicObject::new(name, &kind.api_resource()).within("default");
         o.data = serde_json::json!({ "spec": spec });
         o
+    }
+
+    #[test]
+    fn the_current_accepted_condition_is_read_back() {
+        let mut o = object(&LLM_ROUTE, "r", serde_json::json!({}));
+        assert_eq!(current_condition(&o), None);
+        o.data["status"] = serde_json::json!({"conditions": [
+            {"type": "Other", "observedGeneration": 1, "message": "x"},
+            {"type": "Accepted", "status": "False", "observedGeneration": 3, "message": "spec.host: missing"},
+        ]});
+        assert_eq!(current_condition(&o), Some((3, "spec.host: missing".to_string())));
     }
 
     #[test]

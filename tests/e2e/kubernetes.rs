@@ -160,7 +160,7 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
             r#"{"status": {"phase": "Running"}}"#,
         ],
     );
-    wait_for("team-a/sleep enrolled", Duration::from_secs(5), || {
+    wait_for("team-a/sleep enrolled", Duration::from_secs(15), || {
         enrolled(&lab)
             .contains(&"team-a/sleep/sleep".to_string())
             .then_some(())
@@ -197,9 +197,11 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
         );
         make_pod_cgroup(&lab, &uid);
     }
-    wait_for("team-b/solo enrolled, optout not", Duration::from_secs(5), || {
-        (enrolled(&lab) == ["team-a/sleep/sleep", "team-b/solo/solo"]).then_some(())
-    });
+    wait_for(
+        "team-b/solo enrolled, optout not",
+        Duration::from_secs(15),
+        || (enrolled(&lab) == ["team-a/sleep/sleep", "team-b/solo/solo"]).then_some(()),
+    );
 
     // Opting the first pod out by label unenrolls it: its connections go straight out.
     api.kubectl_ok(
@@ -213,7 +215,7 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
             "llm-egress.io/capture=disabled",
         ],
     );
-    wait_for("team-a/sleep unenrolled", Duration::from_secs(5), || {
+    wait_for("team-a/sleep unenrolled", Duration::from_secs(15), || {
         (enrolled(&lab) == ["team-b/solo/solo"]).then_some(())
     });
     let answer = lab.fetch_from(&cgroup, &["-4", &format!("http://{LLM_HOST}/direct")]);
@@ -264,7 +266,7 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
     );
     wait_for(
         "the route's host to become a target",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             lab.status()["targets"]
                 .as_array()?
@@ -276,7 +278,7 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
 }
 
 async fn wait_status(lab: &GatewayLab, want: StatusCode, what: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = lab.seed_call("agent", &identity("default", "sleep")).await;
         if status == want {
@@ -362,7 +364,7 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         true,
         "the provider did not get the key from the Secret"
     );
-    wait_for("the route's status", Duration::from_secs(10), || {
+    wait_for("the route's status", Duration::from_secs(30), || {
         (accepted(&api, "llmroute", "default", "dashscope-route").0 == "True").then_some(())
     });
     // Writing status is no change of configuration: a new resource is one
@@ -379,7 +381,7 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         &HOST,
         "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: other-gw, namespace: istio-system}\nspec:\n  selector: {istio: ingressgateway}\n  servers: [{hosts: ['*'], port: {number: 80, name: http, protocol: HTTP}}]\n",
     );
-    wait_for("the new Gateway's status", Duration::from_secs(10), || {
+    wait_for("the new Gateway's status", Duration::from_secs(30), || {
         (accepted(&api, "gateway", "istio-system", "other-gw").0 == "True").then_some(())
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -401,13 +403,13 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         &HOST,
         "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: istio-system}\nspec: {action: MAYBE}\n---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: hostless, namespace: default}\nspec:\n  rules: [{backendRefs: [{providerHost: x.example}]}]\n",
     );
-    let (status, message) = wait_for("the bad policy's status", Duration::from_secs(10), || {
+    let (status, message) = wait_for("the bad policy's status", Duration::from_secs(30), || {
         let a = accepted(&api, "authorizationpolicy", "istio-system", "typo");
         (!a.0.is_empty()).then_some(a)
     });
     assert_eq!(status, "False");
     assert!(message.contains("spec.action"), "{message}");
-    let (status, message) = wait_for("the bad route's status", Duration::from_secs(10), || {
+    let (status, message) = wait_for("the bad route's status", Duration::from_secs(30), || {
         let a = accepted(&api, "llmroute", "default", "hostless");
         (!a.0.is_empty()).then_some(a)
     });
@@ -429,7 +431,7 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
         &HOST,
         &deny.replace("principals:", "ipBlocks: [10.0.0.0/8]\n        principals:"),
     );
-    wait_for("the broken DENY reported", Duration::from_secs(10), || {
+    wait_for("the broken DENY reported", Duration::from_secs(30), || {
         (accepted(&api, "authorizationpolicy", "istio-system", "test").0 == "False").then_some(())
     });
     assert_eq!(
@@ -476,6 +478,34 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
     .await;
     set_key(&lab.api_key.clone());
     wait_status(&lab, StatusCode::OK, "the right key back").await;
+
+    // A restarted gateway finds the statuses already written: it rewrites none.
+    let version = || {
+        api.kubectl_ok(
+            &HOST,
+            &[
+                "-n",
+                "default",
+                "get",
+                "llmroute",
+                "dashscope-route",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ],
+        )
+    };
+    let before = version();
+    if let Some(mut g) = lab.gateway.take() {
+        g.stop();
+    }
+    lab.start_gateway();
+    wait_status(&lab, StatusCode::OK, "the restarted gateway").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        version(),
+        before,
+        "the restarted gateway rewrote a status it found in place"
+    );
 
     let logs = lab.gateway_logs();
     assert!(
