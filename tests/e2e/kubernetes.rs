@@ -641,19 +641,22 @@ fn helm_install_creates_the_release_and_leaves_an_existing_istio_system_alone() 
     // Istio was here first.
     api.kubectl_ok(&HOST, &["create", "namespace", "istio-system"]);
     let kubeconfig = api.kubeconfig(User::Admin);
-    let out = std::process::Command::new(tool("helm"))
-        .args(["install", "llm-egress"])
-        .arg(chart_dir())
-        .args(["--set", "certificates.mode=existingSecrets", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .output()
-        .expect("helm");
-    assert!(
-        out.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let helm = |verb: &str| {
+        let out = std::process::Command::new(tool("helm"))
+            .args([verb, "llm-egress"])
+            .arg(chart_dir())
+            .args(["--set", "certificates.mode=existingSecrets", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .output()
+            .expect("helm");
+        assert!(
+            out.status.success(),
+            "helm {verb}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    helm("install");
     let get = |args: &[&str]| api.kubectl_ok(&HOST, args);
     assert!(get(&["get", "crd", "llmroutes.istio.alibabacloud.com", "-o", "name"]).contains("llmroutes"));
     assert!(get(&[
@@ -693,17 +696,6 @@ fn helm_install_creates_the_release_and_leaves_an_existing_istio_system_alone() 
     ]);
     assert!(ns.contains("llm-egress.io/capture"), "{ns}");
     // An upgrade keeps the namespace it created.
-    let out = std::process::Command::new(tool("helm"))
-        .args(["upgrade", "llm-egress"])
-        .arg(chart_dir())
-        .args(["--set", "certificates.mode=existingSecrets", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .output()
-        .expect("helm");
-    assert!(
-        out.status.success(),
-        "helm upgrade: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    helm("upgrade");
     assert!(get(&["get", "namespace", "llm-egress", "-o", "name"]).contains("llm-egress"));
 }
