@@ -345,7 +345,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     );
 
     let registry = Arc::new(Registry::new(cfg.cgroup_root.clone(), source.as_ref()));
-    let _ = registry.apply(Ok(initial), &capture);
+    let _ = registry.apply(Ok(initial), source.problems(), &capture);
 
     let targets = Arc::new(targets::Targets::new(
         &capture_hosts(&cfg.hosts, &routes.table()),

@@ -228,16 +228,8 @@ impl Registry {
 
     /// One reconciliation step: take what the source said, resolve cgroups,
     /// update ENROLLED. Errors from the source keep the last good list.
+    /// `source_problems`: workloads the source knows of but cannot hand over.
     pub fn apply(
-        &self,
-        polled: Result<Option<Vec<WorkloadSpec>>, RegistryError>,
-        capture: &Capture,
-    ) -> Result<(), RegistryError> {
-        self.apply_with(polled, Vec::new(), capture)
-    }
-
-    /// `apply`, with the source's own problems (workloads it cannot hand over).
-    pub fn apply_with(
         &self,
         polled: Result<Option<Vec<WorkloadSpec>>, RegistryError>,
         source_problems: Vec<String>,
@@ -364,7 +356,7 @@ impl Registry {
                 }
             }
             let polled = source.poll();
-            let _ = self.apply_with(polled, source.problems(), &capture);
+            let _ = self.apply(polled, source.problems(), &capture);
         }
     }
 }

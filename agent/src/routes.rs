@@ -51,16 +51,10 @@ impl RouteTable {
     }
 }
 
-/// Loads routes from a directory; errors are problems with file and field.
-#[cfg(test)]
-pub fn load(dir: &std::path::Path) -> Result<RouteTable, Vec<Problem>> {
-    load_from(&ResourceSource::Dir(dir.to_owned()))
-}
-
 /// Loads routes. From the API each invalid route is already left out (and
 /// logged) on its own, so only a directory can fail as a whole.
 pub fn load_from(source: &ResourceSource) -> Result<RouteTable, Vec<Problem>> {
-    let (set, problems, _) = source.load()?;
+    let (set, problems) = source.load()?;
     if source.kube().is_some() {
         return Ok(RouteTable::from_set(&set));
     }
@@ -143,16 +137,16 @@ impl Routes {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use super::*;
 
     #[test]
     fn seed_route_captures_dashscope_and_tunnels_to_the_egress_gateway() {
-        let t = load(Path::new(concat!(
+        let t = load_from(&ResourceSource::Dir(PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/examples"
-        )))
+        ))))
         .unwrap();
         assert_eq!(t.hosts(), ["dashscope.aliyuncs.com"]);
         assert_eq!(

@@ -11,7 +11,6 @@ use std::{
 
 use arc_swap::ArcSwap;
 use llm_egress_mesh::{
-    kube_watch::Verdict,
     resources::{
         AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
         ResourceSet, Severity,
@@ -147,18 +146,15 @@ pub struct ConfigSource {
     /// The resources (and referenced key files) as last loaded.
     stamp: Mutex<Stamp>,
     key_files: Mutex<Vec<PathBuf>>,
-    /// Per-object verdicts of the last load from the API, to report.
-    verdicts: Mutex<Vec<Verdict>>,
 }
 
-/// Loaded and compiled resources, the key files they read and, from the
-/// API, each object's verdict.
-pub type Loaded = (Compiled, Vec<PathBuf>, Vec<Verdict>);
+/// Loaded and compiled resources, and the key files they read.
+pub type Loaded = (Compiled, Vec<PathBuf>);
 
 /// Loads and compiles the resources once. From the API, `${NAME}` keys come
 /// from the watched Secret first, then from the environment.
 pub fn load(source: &ResourceSource, me: &GatewayIdentity) -> Result<Loaded, Vec<Problem>> {
-    let (set, problems, verdicts) = source.load()?;
+    let (set, problems) = source.load()?;
     let key_files = set
         .providers
         .iter()
@@ -169,7 +165,7 @@ pub fn load(source: &ResourceSource, me: &GatewayIdentity) -> Result<Loaded, Vec
         kube.and_then(|kr| kr.secret_value(k))
             .or_else(|| std::env::var(k).ok())
     })
-    .map(|c| (c, key_files, verdicts))
+    .map(|c| (c, key_files))
 }
 
 impl ConfigSource {
@@ -178,8 +174,8 @@ impl ConfigSource {
     /// resource must not keep a restarted gateway down.
     pub fn new(source: ResourceSource, me: GatewayIdentity) -> Result<Arc<ConfigSource>, Vec<Problem>> {
         let stamp = source.stamp(&[]);
-        let (compiled, key_files, verdicts, status) = match load(&source, &me) {
-            Ok((compiled, key_files, verdicts)) => {
+        let (compiled, key_files, status) = match load(&source, &me) {
+            Ok((compiled, key_files)) => {
                 let status = ReloadStatus {
                     loaded: true,
                     warnings: compiled.warnings.iter().map(|w| w.to_string()).collect(),
@@ -188,7 +184,7 @@ impl ConfigSource {
                 for w in &compiled.warnings {
                     tracing::warn!(problem = %w, "configuration warning");
                 }
-                (compiled, key_files, verdicts, status)
+                (compiled, key_files, status)
             }
             Err(problems) if source.kube().is_some() => {
                 for p in &problems {
@@ -199,7 +195,7 @@ impl ConfigSource {
                     last_errors: problems.iter().map(|p| p.to_string()).collect(),
                     ..Default::default()
                 };
-                (Compiled::default(), Vec::new(), Vec::new(), status)
+                (Compiled::default(), Vec::new(), status)
             }
             Err(problems) => return Err(problems),
         };
@@ -215,7 +211,6 @@ impl ConfigSource {
             status: Mutex::new(status),
             stamp: Mutex::new(stamp),
             key_files: Mutex::new(key_files),
-            verdicts: Mutex::new(verdicts),
         }))
     }
 
@@ -246,7 +241,7 @@ impl ConfigSource {
         }
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match load(&self.source, &self.me) {
-            Ok((compiled, key_files, verdicts)) => {
+            Ok((compiled, key_files)) => {
                 status.loaded = true;
                 status.reloads += 1;
                 status.last_errors.clear();
@@ -259,7 +254,6 @@ impl ConfigSource {
                 );
                 self.current.store(Arc::new(compiled));
                 *self.key_files.lock().unwrap_or_else(|p| p.into_inner()) = key_files;
-                *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()) = verdicts;
                 Some(true)
             }
             Err(problems) => {
@@ -293,8 +287,7 @@ impl ConfigSource {
                     on_result(ok);
                 }
                 if let Some(kube) = this.source.kube() {
-                    let verdicts = this.verdicts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    kube.report(&verdicts).await;
+                    kube.report().await;
                 }
             }
         });

@@ -211,7 +211,7 @@ fn main() -> ExitCode {
 
 fn validate(args: ValidateArgs) -> ExitCode {
     match config::load(&ResourceSource::Dir(args.dir), &identity(&args.identity)) {
-        Ok((compiled, _, _)) => {
+        Ok((compiled, _)) => {
             for w in &compiled.warnings {
                 println!("{w}");
             }

@@ -237,6 +237,8 @@ pub struct KubeResources {
     changed: watch::Sender<u64>,
     checked: Mutex<HashMap<String, Checked>>,
     last_good: Mutex<HashMap<String, (String, ResourceSet)>>,
+    /// Each object's verdict from the last `load`, for `report`.
+    verdicts: Mutex<Vec<Verdict>>,
     /// Status last written per object: (generation, message).
     reported: Mutex<HashMap<String, (i64, String)>>,
 }
@@ -302,6 +304,7 @@ impl KubeResources {
             changed,
             checked: Mutex::new(HashMap::new()),
             last_good: Mutex::new(HashMap::new()),
+            verdicts: Mutex::new(Vec::new()),
             reported: Mutex::new(HashMap::new()),
         })
     }
@@ -382,8 +385,9 @@ impl KubeResources {
     }
 
     /// The current resources, each object checked on its own (see the module
-    /// comment), and the problems found. Also returns each object's verdict.
-    pub fn load(&self) -> (ResourceSet, Vec<Problem>, Vec<Verdict>) {
+    /// comment), and the problems found. Each object's verdict is kept for
+    /// `report`, whether or not the set as a whole compiles.
+    pub fn load(&self) -> (ResourceSet, Vec<Problem>) {
         let mut set = ResourceSet::default();
         let mut problems = Vec::new();
         let mut verdicts = Vec::new();
@@ -438,13 +442,15 @@ impl KubeResources {
         }
         checked.retain(|k, _| present.contains(k));
         last_good.retain(|k, _| present.contains(k));
-        (set, problems, verdicts)
+        *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()) = verdicts;
+        (set, problems)
     }
 
     /// Writes an `Accepted` condition to the status of each object whose
-    /// verdict changed. Failures are logged, never fatal.
-    pub async fn report(&self, verdicts: &[Verdict]) {
-        for v in verdicts {
+    /// verdict (from the last `load`) changed. Failures are logged, never fatal.
+    pub async fn report(&self) {
+        let verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for v in &verdicts {
             let key = format!("{} {}/{}", v.kind.kind, v.namespace, v.name);
             let message = if v.problems.is_empty() {
                 "accepted by llm-egress".to_string()

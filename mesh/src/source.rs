@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    kube_watch::{KubeResources, Verdict},
+    kube_watch::KubeResources,
     resources::{fingerprint, Fingerprint, Problem, ResourceSet, Severity},
 };
 
@@ -35,19 +35,16 @@ impl ResourceSource {
         }
     }
 
-    /// Every resource with its problems, and per-object verdicts for the API.
-    /// A directory that cannot be read is an error; the API never is (what
-    /// the watchers last saw is used).
-    pub fn load(&self) -> Result<(ResourceSet, Vec<Problem>, Vec<Verdict>), Vec<Problem>> {
+    /// Every resource with its problems. A directory that cannot be read is
+    /// an error; the API never is (what the watchers last saw is used).
+    pub fn load(&self) -> Result<(ResourceSet, Vec<Problem>), Vec<Problem>> {
         match self {
-            ResourceSource::Dir(dir) => {
-                ResourceSet::load_dir_checked(dir).map(|(set, problems)| (set, problems, Vec::new()))
-            }
+            ResourceSource::Dir(dir) => ResourceSet::load_dir_checked(dir),
             ResourceSource::Kube(k) => {
                 // Invalid objects are already left out one by one (their last
                 // good version kept); they must not fail the whole set, so
                 // they are passed on as warnings, for /readyz and `status`.
-                let (set, problems, verdicts) = k.load();
+                let (set, problems) = k.load();
                 let problems = problems
                     .into_iter()
                     .map(|mut p| {
@@ -61,7 +58,7 @@ impl ResourceSource {
                         p
                     })
                     .collect();
-                Ok((set, problems, verdicts))
+                Ok((set, problems))
             }
         }
     }

@@ -4,31 +4,22 @@
 
 use std::{path::PathBuf, process::Command};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
-use crate::{cargo, run};
+use crate::{cargo, output, run};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn capture(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
-    if !out.status.success() {
-        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// Writes `deploy/helm/llm-egress/crds/crds.yaml` and `deploy/manifests/llm-egress.yaml`.
 pub fn crds() -> anyhow::Result<()> {
     crate::setup::kubernetes_tools_user()?;
-    let crds = capture(cargo().args(["run", "-q", "-p", "llm-egress-gateway", "--", "crds"]))?;
+    let crds = output(cargo().args(["run", "-q", "-p", "llm-egress-gateway", "--", "crds"]))?;
     let chart = repo().join("deploy/helm/llm-egress");
     std::fs::write(chart.join("crds/crds.yaml"), crds)?;
     let helm = llm_egress_tests::kube_lab::tool("helm");
-    let manifests = capture(
+    let manifests = output(
         Command::new(helm)
             .args(["template", "llm-egress"])
             .arg(&chart)

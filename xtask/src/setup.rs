@@ -8,6 +8,11 @@ use anyhow::{bail, Context};
 
 use crate::run;
 
+/// Standard output, trimmed (versions, paths).
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    crate::output(cmd).map(|s| s.trim().to_string())
+}
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn home() -> PathBuf {
@@ -21,14 +26,6 @@ fn ok(cmd: &mut Command) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn nightly() -> anyhow::Result<()> {
