@@ -48,6 +48,9 @@ pub struct FileConfig {
     pub tls: TlsFileConfig,
     pub trust_domain: Option<String>,
     pub node_name: Option<String>,
+    /// Namespaces trusted with LLMProviders, as given to the gateway
+    /// (routes elsewhere may only route providers' hosts).
+    pub trusted_namespaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +109,7 @@ pub struct Config {
     pub tunnel: Option<TunnelConfig>,
     pub trust_domain: String,
     pub node_name: String,
+    pub trusted_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,11 +167,14 @@ pub struct Overrides {
     pub trust_bundle: Option<PathBuf>,
     pub trust_domain: Option<String>,
     pub node_name: Option<String>,
+    pub trusted_namespaces: Vec<String>,
 }
 
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/llm-egress";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
+/// The gateway's and Istio's root namespace in a default install.
+pub const DEFAULT_TRUSTED_NAMESPACE: &str = "istio-system";
 
 /// A tunnel address: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
 pub fn check_gateway_address(addr: &str) -> Result<(), String> {
@@ -370,6 +377,12 @@ impl Config {
                 .or(file.trust_domain)
                 .unwrap_or_else(|| "cluster.local".into()),
             node_name,
+            trusted_namespaces: if flags.trusted_namespaces.is_empty() {
+                file.trusted_namespaces
+                    .unwrap_or_else(|| vec![DEFAULT_TRUSTED_NAMESPACE.into()])
+            } else {
+                flags.trusted_namespaces
+            },
             cgroup_root: flags
                 .cgroup_root
                 .or(file.cgroup_root)

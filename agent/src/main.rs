@@ -18,7 +18,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use llm_egress_mesh::{kube_watch, source::ResourceSource};
+use llm_egress_mesh::{kube_watch, scope::Scope, source::ResourceSource};
 
 use crate::{
     config::{Config, FileConfig, Mode, Overrides, WorkloadsFrom},
@@ -123,6 +123,9 @@ struct RunArgs {
     /// Node name: whose Pods --kubernetes watches, and sent with each tunnelled connection (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Namespace trusted with LLMProviders, as given to the gateway (repeatable; default istio-system): routes from other namespaces are captured only for providers' hosts.
+    #[arg(long = "trusted-namespace")]
+    trusted_namespaces: Vec<String>,
     /// Mount a bpffs on the parent of --bpffs when none is mounted there (nodes without one, e.g. kind).
     #[arg(long)]
     mount_bpffs: bool,
@@ -265,6 +268,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         trust_bundle: args.trust_bundle,
         trust_domain: args.trust_domain,
         node_name: args.node_name,
+        trusted_namespaces: args.trusted_namespaces,
     };
     let cfg = Config::resolve(file, overrides).map_err(|e| fail(2, e))?;
 
@@ -297,7 +301,12 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
             let resources = match &cfg.resources {
                 Some(dir) => ResourceSource::Dir(dir.clone()),
                 None => {
-                    let kube = kube_watch::KubeResources::start(client, &[kube_watch::LLM_ROUTE], None);
+                    // Providers too: a tenant's route is captured only for a provider's host.
+                    let kube = kube_watch::KubeResources::start(
+                        client,
+                        &[kube_watch::LLM_ROUTE, kube_watch::LLM_PROVIDER],
+                        None,
+                    );
                     kube.wait_synced(Duration::from_secs(30))
                         .await
                         .map_err(|e| fail(2, e))?;
@@ -309,7 +318,8 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     let initial = source.poll().map_err(|e| fail(2, e))?;
-    let routes = Arc::new(routes::Routes::new(resources).map_err(|problems| {
+    let scope = Scope::new(cfg.trusted_namespaces.iter().cloned());
+    let routes = Arc::new(routes::Routes::new(resources, scope).map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         fail(
             2,

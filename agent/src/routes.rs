@@ -1,4 +1,5 @@
-//! The capture side of LLMRoute: every route's host is captured, and the
+//! The capture side of LLMRoute: every accepted route's host is captured
+//! (`llm_egress_mesh::scope` decides, as in the gateway), and the
 //! route's rule for gateway `mesh` names (in `providerHost`) the egress
 //! gateway its connections are tunnelled to. Read from the same resource
 //! files the gateway uses; re-read when they change.
@@ -7,6 +8,7 @@ use std::{collections::BTreeMap, sync::RwLock};
 
 use llm_egress_mesh::{
     resources::{LlmRouteSpec, Problem, ResourceSet, Severity},
+    scope::Scope,
     source::{ResourceSource, Stamp},
 };
 
@@ -53,8 +55,8 @@ impl RouteTable {
 
 /// Loads routes. From the API each invalid route is already left out (and
 /// logged) on its own, so only a directory can fail as a whole.
-pub fn load_from(source: &ResourceSource) -> Result<RouteTable, Vec<Problem>> {
-    let (set, problems) = source.load()?;
+pub fn load_from(source: &ResourceSource, scope: &Scope) -> Result<RouteTable, Vec<Problem>> {
+    let (set, problems) = source.load(scope)?;
     if source.kube().is_some() {
         return Ok(RouteTable::from_set(&set));
     }
@@ -73,21 +75,23 @@ pub fn load_from(source: &ResourceSource) -> Result<RouteTable, Vec<Problem>> {
 
 pub struct Routes {
     source: Option<ResourceSource>,
+    scope: Scope,
     table: RwLock<RouteTable>,
     stamp: RwLock<Option<Stamp>>,
 }
 
 impl Routes {
-    pub fn new(source: Option<ResourceSource>) -> Result<Routes, Vec<Problem>> {
+    pub fn new(source: Option<ResourceSource>, scope: Scope) -> Result<Routes, Vec<Problem>> {
         let (table, stamp) = match &source {
             Some(s) => {
                 let stamp = s.stamp(&[]);
-                (load_from(s)?, Some(stamp))
+                (load_from(s, &scope)?, Some(stamp))
             }
             None => (RouteTable::default(), None),
         };
         Ok(Routes {
             source,
+            scope,
             table: RwLock::new(table),
             stamp: RwLock::new(stamp),
         })
@@ -119,7 +123,7 @@ impl Routes {
             return None;
         }
         *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = now;
-        match load_from(source) {
+        match load_from(source, &self.scope) {
             Ok(t) => {
                 tracing::info!(routes = ?t.gateway_of, "LLMRoute resources reloaded");
                 *self.table.write().unwrap_or_else(|p| p.into_inner()) = t.clone();
@@ -143,10 +147,13 @@ mod tests {
 
     #[test]
     fn seed_route_captures_dashscope_and_tunnels_to_the_egress_gateway() {
-        let t = load_from(&ResourceSource::Dir(PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/examples"
-        ))))
+        let t = load_from(
+            &ResourceSource::Dir(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../deploy/examples"
+            ))),
+            &Scope::new(["istio-system"]),
+        )
         .unwrap();
         assert_eq!(t.hosts(), ["dashscope.aliyuncs.com"]);
         assert_eq!(
@@ -166,5 +173,25 @@ mod tests {
         let t = RouteTable::from_set(&set);
         assert_eq!(t.hosts(), ["b.example"]);
         assert_eq!(t.gateway_of["b.example"], "gw.example");
+    }
+
+    #[test]
+    fn a_tenant_route_for_a_host_no_provider_serves_is_not_captured() {
+        let dir = tempfile::tempdir().unwrap();
+        let examples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples"));
+        for f in ["dashscope-qwen.yaml", "dashscope-route.yaml"] {
+            std::fs::copy(examples.join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("tenant.yaml"),
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: grab, namespace: team-a}\nspec:\n  host: github.com\n  rules: [{backendRefs: [{providerHost: istio-egressgateway.istio-system.svc.cluster.local}]}]\n",
+        )
+        .unwrap();
+        let source = ResourceSource::Dir(dir.path().to_owned());
+        let t = load_from(&source, &Scope::new(["istio-system"])).unwrap();
+        assert_eq!(t.hosts(), ["dashscope.aliyuncs.com"]);
+        // Trusted, the same route is captured.
+        let t = load_from(&source, &Scope::new(["istio-system", "team-a"])).unwrap();
+        assert_eq!(t.hosts(), ["dashscope.aliyuncs.com", "github.com"]);
     }
 }

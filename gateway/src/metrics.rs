@@ -52,8 +52,14 @@ pub struct TunnelLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub client_timeouts: Family<StageLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<DurationLabels, Histogram>,
     pub tokens: Family<TokenLabels, Counter>,
@@ -83,6 +89,12 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let passthrough = Family::<PassthroughLabels, Counter>::default();
         let tunnel_streams = Family::<TunnelLabels, Counter>::default();
+        let client_timeouts = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "llm_egress_gateway_client_timeouts",
+            "Client connections and streams closed by a deadline, by stage (sniff, request_head, body, idle)",
+            client_timeouts.clone(),
+        );
         registry.register(
             "llm_egress_gateway_requests",
             "LLM requests by principal, host, provider, model and status code",
@@ -120,6 +132,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            client_timeouts,
             requests,
             duration,
             tokens,
@@ -128,6 +141,10 @@ impl Metrics {
             passthrough,
             tunnel_streams,
         }
+    }
+
+    pub fn client_timeout(&self, stage: &'static str) {
+        self.client_timeouts.get_or_create(&StageLabels { stage }).inc();
     }
 
     pub fn encode(&self) -> String {

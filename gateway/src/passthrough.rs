@@ -3,7 +3,7 @@
 //! hosts with an LLMRoute at this gateway are reachable: the gateway is not
 //! an open proxy.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -12,6 +12,9 @@ use crate::{
     metrics::PassthroughLabels,
     pipeline::{Gateway, Source},
 };
+
+/// Longest wait for a provider to accept a passed-through connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run<S>(gw: Arc<Gateway>, source: &Source, sni: Option<String>, hello: Vec<u8>, mut client: S)
 where
@@ -64,9 +67,15 @@ where
             return;
         }
     };
-    let mut upstream = match tokio::net::TcpStream::connect(&addrs[..]).await {
-        Ok(s) => s,
-        Err(e) => {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addrs[..]));
+    let mut upstream = match connect.await {
+        Ok(Ok(s)) => s,
+        Err(_) => {
+            tracing::warn!(sni, timeout = ?CONNECT_TIMEOUT, "TLS passthrough: connect timed out");
+            count(&sni, "connect_error");
+            return;
+        }
+        Ok(Err(e)) => {
             tracing::warn!(sni, error = %e, "TLS passthrough: cannot connect");
             count(&sni, "connect_error");
             return;
@@ -76,7 +85,13 @@ where
     if upstream.write_all(&hello).await.is_err() {
         return;
     }
+    // `client` carries the idle deadline: a copy where nothing moves ends.
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    if let Err(e) = &result {
+        if crate::limits::is_idle_timeout(e) {
+            gw.metrics.client_timeout("idle");
+        }
+    }
     let (sent, received) = result.unwrap_or((0, 0));
     tracing::info!(target: "access", entry = source.entry, principal, sni, sent = sent + hello.len() as u64, received, "TLS passthrough closed");
 }

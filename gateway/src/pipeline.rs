@@ -2,20 +2,17 @@
 //! AuthorizationPolicy → LLMRoute → LLMProvider adaptation → upstream →
 //! response streamed back with token accounting and one access-log line.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 
 use crate::{
     authz::{self, Attributes, Decision},
     config::ConfigSource,
     jwt,
+    limits::{self, BodyError, ClientDeadlines},
     metrics::{DurationLabels, Metrics, RequestLabels, TokenLabels, UpstreamErrorLabels},
     provider, route,
     upstream::Upstream,
@@ -30,6 +27,7 @@ pub struct Gateway {
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
+    pub deadlines: ClientDeadlines,
 }
 
 /// Who sent a request and how it arrived.
@@ -211,29 +209,18 @@ impl Gateway {
                 "method",
             );
         }
-        let body = match Limited::new(body, self.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                let text = format!(
-                    "request body larger than {} bytes; raise --max-request-body if this is intended\n",
-                    self.max_body
-                );
-                return fail(
-                    &self,
-                    &access,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &text,
-                    "body too large",
-                );
-            }
-            Err(_) => {
-                return fail(
-                    &self,
-                    &access,
-                    StatusCode::BAD_REQUEST,
-                    "could not read the request body\n",
-                    "body read",
-                )
+        let body = match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
+            Ok(b) => b,
+            Err(e) => {
+                let (code, reason) = match e {
+                    BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+                    BodyError::Stalled(_) => {
+                        self.metrics.client_timeout("body");
+                        (StatusCode::REQUEST_TIMEOUT, "body stalled")
+                    }
+                    BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
+                };
+                return fail(&self, &access, code, &format!("{e}\n"), reason);
             }
         };
         let (body, model, _stream) = match provider::adapt_body(&body, provider) {
@@ -345,6 +332,3 @@ impl Gateway {
         Ok(Response::from_parts(rparts, tapped.boxed_unsync()))
     }
 }
-
-/// How long a connection may take to send its first request.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);

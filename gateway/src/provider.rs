@@ -18,11 +18,15 @@ pub enum AdaptError {
     NotObject,
 }
 
-/// Headers never forwarded upstream: credentials (replaced by the key),
-/// our tunnel metadata, and hop-by-hop headers.
-const DROPPED: [&str; 11] = [
+/// Headers never forwarded upstream: every credential a client may send
+/// (replaced by the provider key), identity metadata, and hop-by-hop headers.
+const DROPPED: [&str; 15] = [
     "authorization",
     "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-forwarded-client-cert",
     "host",
     "connection",
     "keep-alive",
@@ -147,7 +151,31 @@ mod tests {
         h.insert("host", "dashscope.aliyuncs.com".parse().unwrap());
         h.insert("x-request-id", "abc".parse().unwrap());
         h.insert("connection", "keep-alive".parse().unwrap());
+        for (name, value) in [
+            ("x-api-key", "sk-client-x"),
+            ("api-key", "sk-client-azure"),
+            ("x-goog-api-key", "sk-client-goog"),
+            ("proxy-authorization", "Basic c2stY2xpZW50"),
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://x;URI=spiffe://cluster.local/ns/a/sa/b",
+            ),
+            ("x-llm-egress-node", "node-9"),
+        ] {
+            h.insert(HeaderName::from_static(name), value.parse().unwrap());
+        }
         let out = adapt_headers(&h, &provider(), 42).unwrap();
+        for name in [
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "proxy-authorization",
+            "x-forwarded-client-cert",
+            "x-llm-egress-node",
+        ] {
+            assert!(out.get(name).is_none(), "{name} reached the provider");
+        }
+        assert!(!format!("{out:?}").contains("sk-client"));
         assert_eq!(out["authorization"], "Bearer sk-gateway");
         assert_eq!(out.get_all("authorization").iter().count(), 1);
         assert!(out.get("x-llm-egress-workload").is_none());

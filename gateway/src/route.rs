@@ -98,6 +98,8 @@ mod tests {
             namespace: "istio-system".into(),
             labels: BTreeMap::from([("istio".into(), "egressgateway".into())]),
             root_namespace: "istio-system".into(),
+            trusted_namespaces: Vec::new(),
+            keys: Default::default(),
         }
     }
 

@@ -32,7 +32,10 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::resources::{Problem, ResourceSet, Severity};
+use crate::{
+    resources::{Problem, ResourceSet, Severity},
+    scope::{self, Scope},
+};
 
 /// A kind the gateway and agent read from the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +244,8 @@ pub struct KubeResources {
     verdicts: Mutex<Vec<Verdict>>,
     /// Status last written per object: (generation, message).
     reported: Mutex<HashMap<String, (i64, String)>>,
+    /// Scoping verdicts of the last `load`, logged when they change.
+    scoped_out: Mutex<Vec<String>>,
 }
 
 /// The condition written to an object's status.
@@ -306,6 +311,7 @@ impl KubeResources {
             last_good: Mutex::new(HashMap::new()),
             verdicts: Mutex::new(Vec::new()),
             reported: Mutex::new(HashMap::new()),
+            scoped_out: Mutex::new(Vec::new()),
         })
     }
 
@@ -385,9 +391,10 @@ impl KubeResources {
     }
 
     /// The current resources, each object checked on its own (see the module
-    /// comment), and the problems found. Each object's verdict is kept for
-    /// `report`, whether or not the set as a whole compiles.
-    pub fn load(&self) -> (ResourceSet, Vec<Problem>) {
+    /// comment) and then against `scope` (which namespaces may publish
+    /// what, route conflicts), and the problems found. Each object's verdict
+    /// is kept for `report`, whether or not the set as a whole compiles.
+    pub fn load(&self, scope: &Scope) -> (ResourceSet, Vec<Problem>) {
         let mut set = ResourceSet::default();
         let mut problems = Vec::new();
         let mut verdicts = Vec::new();
@@ -442,6 +449,24 @@ impl KubeResources {
         }
         checked.retain(|k, _| present.contains(k));
         last_good.retain(|k, _| present.contains(k));
+        // Scoping depends on the other objects, so it is decided on the
+        // whole set, every time; an object it removes is not accepted.
+        let scoped = scope::admit(&mut set, scope);
+        let mut logged = self.scoped_out.lock().unwrap_or_else(|p| p.into_inner());
+        let now: Vec<String> = scoped.iter().map(|p| p.to_string()).collect();
+        for p in &scoped {
+            if !logged.contains(&p.to_string()) {
+                tracing::warn!(problem = %p, "resource not accepted");
+            }
+            if let Some(v) = verdicts
+                .iter_mut()
+                .find(|v| Some(format!("{} {}/{}", v.kind.kind, v.namespace, v.name)) == p.resource)
+            {
+                v.problems.push(short_problem(p));
+            }
+        }
+        *logged = now;
+        problems.extend(scoped);
         *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()) = verdicts;
         (set, problems)
     }
@@ -541,6 +566,9 @@ fn check_object(kind: &WatchedKind, obj: &DynamicObject, fingerprint: u64) -> Ch
     }
     let labels: BTreeMap<String, String> = obj.labels().clone().into_iter().collect();
     metadata.insert("labels".into(), serde_json::to_value(labels).unwrap_or_default());
+    if let Some(created) = obj.creation_timestamp() {
+        metadata.insert("creationTimestamp".into(), created.0.to_string().into());
+    }
     let mut doc = serde_json::Map::new();
     doc.insert(
         "apiVersion".into(),

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod kube_watch;
 pub mod process;
 pub mod resources;
+pub mod scope;
 pub mod source;
 pub mod tls;
 pub mod tunnel;

@@ -23,6 +23,9 @@ pub struct Meta {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Set by the API server; orders conflicting routes (oldest wins).
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 impl Meta {

@@ -10,6 +10,7 @@ use std::{
 use crate::{
     kube_watch::KubeResources,
     resources::{fingerprint, Fingerprint, Problem, ResourceSet, Severity},
+    scope::{admit, Scope},
 };
 
 #[derive(Clone)]
@@ -35,16 +36,30 @@ impl ResourceSource {
         }
     }
 
-    /// Every resource with its problems. A directory that cannot be read is
-    /// an error; the API never is (what the watchers last saw is used).
-    pub fn load(&self) -> Result<(ResourceSet, Vec<Problem>), Vec<Problem>> {
+    /// Every resource that `scope` admits, with the problems found. A
+    /// directory that cannot be read is an error; the API never is (what
+    /// the watchers last saw is used). Objects the scope does not admit are
+    /// left out and reported as warnings: one tenant's object must never
+    /// take the configuration down.
+    pub fn load(&self, scope: &Scope) -> Result<(ResourceSet, Vec<Problem>), Vec<Problem>> {
         match self {
-            ResourceSource::Dir(dir) => ResourceSet::load_dir_checked(dir),
+            ResourceSource::Dir(dir) => {
+                let (mut set, mut problems) = ResourceSet::load_dir_checked(dir)?;
+                if problems.iter().any(|p| p.severity == Severity::Error) {
+                    return Ok((set, problems));
+                }
+                problems.extend(admit(&mut set, scope).into_iter().map(|mut p| {
+                    p.severity = Severity::Warning;
+                    p.message = format!("not accepted: {}", p.message);
+                    p
+                }));
+                Ok((set, problems))
+            }
             ResourceSource::Kube(k) => {
                 // Invalid objects are already left out one by one (their last
                 // good version kept); they must not fail the whole set, so
                 // they are passed on as warnings, for /readyz and `status`.
-                let (set, problems) = k.load();
+                let (set, problems) = k.load(scope);
                 let problems = problems
                     .into_iter()
                     .map(|mut p| {

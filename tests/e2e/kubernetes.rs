@@ -259,21 +259,35 @@ fn agent_enrolls_labelled_pods_of_its_node_and_follows_them_across_api_server_re
     );
     assert!(logs.contains("watching the Kubernetes API again"), "{logs}");
 
-    // LLMRoutes from the API add capture targets.
+    // LLMRoutes from the API add capture targets: a tenant's route for a
+    // host no trusted provider serves is never captured, a platform
+    // (trusted namespace) route is.
     api.apply_ok(
         &node,
-        "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: extra, namespace: default}\nspec:\n  host: extra.example.test\n  rules: [{backendRefs: [{providerHost: gw.example.test}]}]\n",
+        "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: grab, namespace: team-a}\nspec:\n  host: grab.example.test\n  rules: [{backendRefs: [{providerHost: gw.example.test}]}]\n",
     );
+    api.apply_ok(
+        &node,
+        "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: extra, namespace: istio-system}\nspec:\n  host: extra.example.test\n  rules: [{backendRefs: [{providerHost: gw.example.test}]}]\n",
+    );
+    let has_target = |host: &str| {
+        lab.status()["targets"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t["host"] == host))
+    };
     wait_for(
         "the route's host to become a target",
         Duration::from_secs(30),
-        || {
-            lab.status()["targets"]
-                .as_array()?
-                .iter()
-                .any(|t| t["host"] == "extra.example.test")
-                .then_some(())
-        },
+        || has_target("extra.example.test").then_some(()),
+    );
+    assert!(
+        !has_target("grab.example.test"),
+        "a tenant's route captured a host no trusted provider serves"
+    );
+    assert!(
+        lab.agent_logs().contains("LLMRoute team-a/grab"),
+        "the refused route was not logged:\n{}",
+        lab.agent_logs()
     );
 }
 
