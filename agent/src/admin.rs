@@ -1,5 +1,9 @@
 //! Admin endpoint: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and
-//! `/status` (JSON, read by `llm-egress-agent status`).
+//! `/status` (JSON, read by `llm-egress-agent status`), on loopback by
+//! default: they name the node's workloads and their recent destinations.
+//! The health endpoint (`--health-listen`, for kubelet probes on a
+//! hostNetwork pod) answers `/healthz` and `/readyz` with a status code and
+//! one word, and `/metrics` only when asked to.
 
 use std::{
     collections::BTreeMap,
@@ -98,6 +102,26 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .with_state(state)
+}
+
+/// Probes only (and `/metrics` when `with_metrics`): nothing about
+/// workloads, hosts or connections.
+pub fn health_router(state: Arc<AdminState>, with_metrics: bool) -> Router {
+    let mut r = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(bare_readyz));
+    if with_metrics {
+        r = r.route("/metrics", get(metrics));
+    }
+    r.with_state(state)
+}
+
+async fn bare_readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    if state.unready().is_empty() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use llm_egress_mesh::identity::SpiffeId;
 use serde::Deserialize;
 
 /// What the capture proxy does with a captured connection.
@@ -59,6 +60,10 @@ pub struct TlsFileConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    /// SPIFFE ID the gateway's certificate must carry.
+    pub gateway_identity: Option<String>,
+    /// Projected service-account token sent to bind this agent to its node.
+    pub node_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +121,9 @@ pub struct Config {
 pub struct TunnelConfig {
     pub tls: llm_egress_mesh::tls::TlsFiles,
     pub gateways: BTreeMap<String, String>,
+    /// The gateway must present this SPIFFE ID (its DNS name alone is not enough).
+    pub gateway_identity: SpiffeId,
+    pub node_token_file: Option<PathBuf>,
 }
 
 /// Bounds on how often targets are re-resolved: the record's TTL, clamped.
@@ -168,11 +176,16 @@ pub struct Overrides {
     pub trust_domain: Option<String>,
     pub node_name: Option<String>,
     pub trusted_namespaces: Vec<String>,
+    pub gateway_identity: Option<String>,
+    pub node_token_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/llm-egress";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
+/// The gateway's service account in a default install (its SPIFFE ID is
+/// what agents expect by default).
+pub const DEFAULT_GATEWAY_SERVICE_ACCOUNT: &str = "istio-egressgateway-service-account";
 /// The gateway's and Istio's root namespace in a default install.
 pub const DEFAULT_TRUSTED_NAMESPACE: &str = "istio-system";
 
@@ -351,7 +364,25 @@ impl Config {
                         "missing: map the egress gateway's name to its tunnel address (--gateway-address istio-egressgateway.istio-system.svc.cluster.local=10.0.0.5:15008)".into(),
                     ));
                 }
-                Some(TunnelConfig { tls, gateways })
+                let trust_domain = flags
+                    .trust_domain
+                    .clone()
+                    .or(file.trust_domain.clone())
+                    .unwrap_or_else(|| "cluster.local".into());
+                let gateway_identity = match flags.gateway_identity.or(file.tls.gateway_identity) {
+                    Some(id) => {
+                        SpiffeId::parse(&id).map_err(|e| invalid("tls.gatewayIdentity", e.to_string()))?
+                    }
+                    None => {
+                        SpiffeId::workload(&trust_domain, "istio-system", DEFAULT_GATEWAY_SERVICE_ACCOUNT)
+                    }
+                };
+                Some(TunnelConfig {
+                    tls,
+                    gateways,
+                    gateway_identity,
+                    node_token_file: flags.node_token_file.or(file.tls.node_token_file),
+                })
             }
         };
         let node_name = flags.node_name.or(file.node_name);

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod fairness;
 mod kube_pods;
 mod loader;
 mod metrics;
@@ -96,7 +97,13 @@ struct RunArgs {
     /// kubeconfig for --kubernetes (default: the pod's service account, then $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Admin endpoint address (/healthz, /readyz, /metrics, /status; default 127.0.0.1:15021).
+    /// Probe endpoint for the kubelet (/healthz, /readyz: a status and one word, nothing about workloads); off when not given.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
+    /// Also serve /metrics (which names this node's workloads and destinations) on --health-listen, for a scraper that cannot reach loopback.
+    #[arg(long, requires = "health_listen")]
+    health_metrics: bool,
+    /// Admin endpoint address (/healthz, /readyz, /metrics, /status; default 127.0.0.1:15021). Keep it on loopback: /status lists recent connections.
     #[arg(long)]
     admin: Option<SocketAddr>,
     /// What to do with captured connections (default tunnel).
@@ -117,6 +124,12 @@ struct RunArgs {
     /// CA certificates the gateway's certificate must chain to (PEM).
     #[arg(long)]
     trust_bundle: Option<PathBuf>,
+    /// SPIFFE ID the gateway's certificate must carry (default spiffe://<trust domain>/ns/istio-system/sa/istio-egressgateway-service-account).
+    #[arg(long)]
+    gateway_identity: Option<String>,
+    /// File holding this agent's projected service-account token (audience llm-egress-gateway), sent so the gateway can bind the agent to its node; re-read when it changes.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
     /// SPIFFE trust domain of workload identities (default cluster.local).
     #[arg(long)]
     trust_domain: Option<String>,
@@ -129,6 +142,9 @@ struct RunArgs {
     /// Mount a bpffs on the parent of --bpffs when none is mounted there (nodes without one, e.g. kind).
     #[arg(long)]
     mount_bpffs: bool,
+    /// Captured connections one pod may hold at once; more are closed at once and counted (rejected{reason="workload_limit"}), so one pod cannot use up the node's tunnel (16384 streams).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_workload: u32,
     /// Seconds to let open connections finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -269,6 +285,8 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         trust_domain: args.trust_domain,
         node_name: args.node_name,
         trusted_namespaces: args.trusted_namespaces,
+        gateway_identity: args.gateway_identity,
+        node_token_file: args.node_token_file,
     };
     let cfg = Config::resolve(file, overrides).map_err(|e| fail(2, e))?;
 
@@ -367,6 +385,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         uplink,
         trust_domain: cfg.trust_domain.clone(),
         node_name: cfg.node_name.clone(),
+        workload_limit: fairness::WorkloadLimit::new(args.max_connections_per_workload as usize),
     };
     let proxy = Arc::new(proxy::Proxy::new(
         capture.clone(),
@@ -417,6 +436,18 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         .listening
         .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(admin = %cfg.admin, "admin endpoint listening");
+    if let Some(addr) = args.health_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--health-listen)"))?;
+        tracing::info!(health = %addr, metrics = args.health_metrics, "health endpoint listening");
+        let router = admin::health_router(admin_state.clone(), args.health_metrics);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, router).await {
+                tracing::error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
     let admin = axum::serve(admin_listener, admin::router(admin_state));
 
     tokio::select! {

@@ -16,6 +16,7 @@ use llm_egress_mesh::{identity::SpiffeId, tunnel::WorkloadIdentity};
 
 use crate::{
     config::Mode,
+    fairness::WorkloadLimit,
     loader::Capture,
     metrics::{ByteLabels, ConnectionLabels, Metrics, RejectLabels},
     registry::Registry,
@@ -26,6 +27,7 @@ use crate::{
 
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECENT_LEN: usize = 64;
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// One captured connection, as shown by `status` (most recent last).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +54,8 @@ pub struct Proxy {
     pub uplink: Option<Arc<Uplink>>,
     pub trust_domain: String,
     pub node_name: String,
+    workload_limit: Arc<WorkloadLimit>,
+    last_limit_warning: Mutex<Option<Instant>>,
     recent: Mutex<VecDeque<RecentConnection>>,
 }
 
@@ -61,6 +65,7 @@ pub struct ProxyParts {
     pub uplink: Option<Arc<Uplink>>,
     pub trust_domain: String,
     pub node_name: String,
+    pub workload_limit: Arc<WorkloadLimit>,
 }
 
 impl Proxy {
@@ -82,6 +87,8 @@ impl Proxy {
             uplink: parts.uplink,
             trust_domain: parts.trust_domain,
             node_name: parts.node_name,
+            workload_limit: parts.workload_limit,
+            last_limit_warning: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
         }
     }
@@ -130,6 +137,18 @@ impl Proxy {
         let Some(workload) = self.registry.workload(orig.cgroup_id) else {
             tracing::warn!(%peer, original_dst = %dst, cgroup_id = orig.cgroup_id, "captured connection from a cgroup that is no longer enrolled; closing");
             self.reject("unknown_workload");
+            return;
+        };
+        let Some(_slot) = self
+            .workload_limit
+            .try_acquire(&format!("{}/{}", workload.spec.namespace, workload.spec.name))
+        else {
+            self.reject("workload_limit");
+            let mut last = self.last_limit_warning.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= LIMIT_WARN_EVERY) {
+                *last = Some(Instant::now());
+                tracing::warn!(%peer, original_dst = %dst, principal = %workload.principal(), workload = %workload.spec.name, namespace = %workload.spec.namespace, limit = self.workload_limit.max(), "a pod holds as many captured connections as --max-connections-per-workload allows; closing its new ones (logged once per 10 s)");
+            }
             return;
         };
         let host = self.targets.host_of(dst.ip());

@@ -9,8 +9,9 @@ use std::{
 };
 
 use llm_egress_mesh::{
+    identity::SpiffeId,
     tls::{client_config, Reloading, TlsError, ALPN_H2},
-    tunnel::{TunnelClient, TunnelError, TunnelStream, WorkloadIdentity},
+    tunnel::{NodeToken, TunnelClient, TunnelError, TunnelStream, WorkloadIdentity},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -33,6 +34,8 @@ pub enum UplinkError {
 
 pub struct Uplink {
     addrs: BTreeMap<String, String>,
+    gateway_identity: SpiffeId,
+    node_token: Option<Arc<NodeToken>>,
     tls: Arc<Reloading<rustls::ClientConfig>>,
     clients: Mutex<HashMap<String, Arc<TunnelClient>>>,
     streams: Arc<Semaphore>,
@@ -45,6 +48,8 @@ impl Uplink {
         tls.watch(Duration::from_secs(2));
         Ok(Uplink {
             addrs: cfg.gateways.clone(),
+            gateway_identity: cfg.gateway_identity.clone(),
+            node_token: cfg.node_token_file.clone().map(|p| Arc::new(NodeToken::new(p))),
             tls,
             clients: Mutex::new(HashMap::new()),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
@@ -76,8 +81,14 @@ impl Uplink {
             .cloned()
             .ok_or_else(|| UplinkError::NoGateway(gateway.to_string()))?;
         let tls = self.tls.clone();
-        // The gateway's certificate must carry its name as a DNS SAN.
-        let client = Arc::new(TunnelClient::new(addr, gateway, Arc::new(move || tls.current()))?);
+        // The gateway's certificate must carry its name as a DNS SAN and
+        // its SPIFFE ID: any certificate of the CA could carry the name.
+        let mut client = TunnelClient::new(addr, gateway, Arc::new(move || tls.current()))?
+            .expect_peer(self.gateway_identity.clone());
+        if let Some(token) = &self.node_token {
+            client = client.with_node_token(token.clone());
+        }
+        let client = Arc::new(client);
         clients.insert(gateway.to_string(), client.clone());
         Ok(client)
     }

@@ -1,7 +1,8 @@
 //! The two ways in. The tunnel entry speaks HTTP/2 CONNECT over mTLS to
 //! node agents (and believes their identity headers only if the peer is a
-//! configured agent identity); the direct entry serves HTTP over mTLS to
-//! workloads holding their own SPIFFE certificate.
+//! configured agent identity, and only for workloads of the agent's own
+//! node: `node_auth`); the direct entry serves HTTP over mTLS to workloads
+//! holding their own SPIFFE certificate.
 
 use std::{sync::Arc, time::Duration};
 
@@ -9,14 +10,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use llm_egress_mesh::{
     identity::SpiffeId,
-    tls::{peer_spiffe, Reloading},
-    tunnel::{self, ConnectRequest, TunnelStream, WorkloadIdentity},
+    tls::{peer_node, peer_spiffe, Reloading},
+    tunnel::{self, ConnectRequest, Refusal, TunnelStream, WorkloadIdentity, HEADER_NODE_TOKEN},
 };
 use tokio::net::TcpListener;
 
 use crate::{
     limits::{self, IdleTimeout, MAX_HEADERS, MAX_REQUEST_HEAD},
     metrics::TunnelLabels,
+    node_auth::{AgentPeer, NodeAuth},
     passthrough,
     pipeline::{Gateway, Source},
     sniff::{sniff, Prefixed, Sniffed},
@@ -63,6 +65,7 @@ pub async fn serve_tunnel(
     gw: Arc<Gateway>,
     tls: Arc<Reloading<rustls::ServerConfig>>,
     agents: Arc<Vec<SpiffeId>>,
+    node_auth: Arc<NodeAuth>,
     listener: TcpListener,
 ) {
     loop {
@@ -74,33 +77,46 @@ pub async fn serve_tunnel(
                 continue;
             }
         };
-        let (gw, tls, agents) = (gw.clone(), tls.clone(), agents.clone());
+        let (gw, tls, agents, node_auth) = (gw.clone(), tls.clone(), agents.clone(), node_auth.clone());
         tokio::spawn(async move {
             let Some((stream, id)) = accept_mtls(&tls, tcp, peer).await else {
                 return;
             };
             let is_agent = agents.contains(&id);
-            tracing::debug!(%peer, identity = %id, is_agent, "tunnel connection");
-            let handler = move |req: ConnectRequest, stream: TunnelStream| {
-                let (gw, id) = (gw.clone(), id.clone());
-                async move { tunnel_stream(gw, id, is_agent, req, stream).await }
+            let agent = Arc::new(AgentPeer {
+                id,
+                node: peer_node(stream.get_ref().1),
+            });
+            tracing::debug!(%peer, identity = %agent.id, is_agent, "tunnel connection");
+            let g = gw.clone();
+            let admit = move |req: &ConnectRequest| {
+                let (gw, agent, node_auth) = (g.clone(), agent.clone(), node_auth.clone());
+                let (headers, authority) = (req.headers.clone(), req.authority.clone());
+                async move { admit_stream(&gw, &node_auth, &agent, is_agent, &headers, &authority).await }
             };
-            if let Err(e) = tunnel::serve(stream, handler).await {
+            let handler = move |_: ConnectRequest, source: Source, stream: TunnelStream| {
+                let gw = gw.clone();
+                async move { tunnel_stream(gw, source, stream).await }
+            };
+            if let Err(e) = tunnel::serve(stream, admit, handler).await {
                 tracing::debug!(%peer, error = %e, "tunnel connection ended");
             }
         });
     }
 }
 
-async fn tunnel_stream(
-    gw: Arc<Gateway>,
-    peer_id: SpiffeId,
+/// Decides who a tunnel stream speaks for. An agent's identity headers are
+/// believed only for a workload its node may assert (`node_auth`); any other
+/// peer speaks for itself.
+async fn admit_stream(
+    gw: &Gateway,
+    node_auth: &NodeAuth,
+    agent: &AgentPeer,
     is_agent: bool,
-    req: ConnectRequest,
-    mut stream: TunnelStream,
-) {
-    let dest_port = req
-        .authority
+    headers: &hyper::HeaderMap,
+    authority: &str,
+) -> Result<Source, Refusal> {
+    let dest_port = authority
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok());
     let kind = if is_agent { "agent" } else { "workload" };
@@ -110,32 +126,58 @@ async fn tunnel_stream(
             .get_or_create(&TunnelLabels { peer: kind, outcome })
             .inc()
     };
-    let source = if is_agent {
-        match WorkloadIdentity::from_headers(&req.headers) {
-            Ok(Some(w)) => Source {
-                principal: Some(w.principal()),
-                namespace: Some(w.namespace.clone()),
-                dest_port,
-                entry: "tunnel",
-            },
-            Ok(None) => source_of(&peer_id, "tunnel", dest_port),
-            Err(e) => {
-                tracing::warn!(agent = %peer_id, error = %e, "tunnel stream with invalid identity headers closed");
-                count("bad_identity");
-                return;
-            }
+    if !is_agent {
+        if headers.keys().any(|k| k.as_str().starts_with("x-llm-egress-")) {
+            tracing::warn!(peer = %agent.id, "identity headers from a peer that is not an agent ignored");
         }
-    } else {
-        if req
-            .headers
-            .keys()
-            .any(|k| k.as_str().starts_with("x-llm-egress-"))
-        {
-            tracing::warn!(peer = %peer_id, "identity headers from a peer that is not an agent ignored");
+        count("accepted");
+        return Ok(source_of(&agent.id, "tunnel", dest_port));
+    }
+    let who = match WorkloadIdentity::from_headers(headers) {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            count("accepted");
+            return Ok(source_of(&agent.id, "tunnel", dest_port));
         }
-        source_of(&peer_id, "tunnel", dest_port)
+        Err(e) => {
+            tracing::warn!(agent = %agent.id, error = %e, "tunnel stream with invalid identity headers refused");
+            count("bad_identity");
+            return Err(Refusal {
+                status: hyper::StatusCode::BAD_REQUEST,
+                reason: e.to_string(),
+            });
+        }
     };
+    let token = headers.get(HEADER_NODE_TOKEN).and_then(|v| v.to_str().ok());
+    if let Err(e) = node_auth.verify(agent, &who, token).await {
+        tracing::warn!(
+            agent = %agent.id,
+            agent_node = agent.node.as_deref().unwrap_or("-"),
+            asserted = %who.principal(),
+            asserted_pod = who.pod.as_deref().unwrap_or("-"),
+            reason = %e,
+            "an agent asserted a workload its node may not speak for; stream refused"
+        );
+        count(if e.status() == hyper::StatusCode::FORBIDDEN {
+            "node_refused"
+        } else {
+            "node_unavailable"
+        });
+        return Err(Refusal {
+            status: e.status(),
+            reason: e.to_string(),
+        });
+    }
     count("accepted");
+    Ok(Source {
+        principal: Some(who.principal()),
+        namespace: Some(who.namespace.clone()),
+        dest_port,
+        entry: "tunnel",
+    })
+}
+
+async fn tunnel_stream(gw: Arc<Gateway>, source: Source, mut stream: TunnelStream) {
     let mut first = Vec::new();
     let deadlines = gw.deadlines;
     let sniffed = match tokio::time::timeout(deadlines.sniff, sniff(&mut stream, &mut first)).await {

@@ -9,6 +9,7 @@ mod jwt;
 mod limits;
 mod listener;
 mod metrics;
+mod node_auth;
 mod passthrough;
 mod pipeline;
 mod provider;
@@ -55,6 +56,13 @@ struct Cli {
     worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NodeAuthMode {
+    Kubernetes,
+    Static,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +126,15 @@ struct RunArgs {
         default_value = "spiffe://cluster.local/ns/llm-egress/sa/llm-egress-agent"
     )]
     agent_identities: Vec<String>,
+    /// How an agent's right to speak for a workload is checked: `kubernetes` (its pod-bound token and the pod index: only pods of its node), `static` (the node in its certificate and --node-workloads), or `off` (any workload; say so explicitly). Default: kubernetes with --kubernetes, else static.
+    #[arg(long, value_enum)]
+    node_auth: Option<NodeAuthMode>,
+    /// Static node binding: YAML `nodes: {NODE: [NAMESPACE/SERVICEACCOUNT | NAMESPACE/* | *]}`, the workloads each node's agent may assert (its certificate names the node).
+    #[arg(long)]
+    node_workloads: Option<PathBuf>,
+    /// Audience the agents' projected node tokens are issued for (Kubernetes node binding).
+    #[arg(long, default_value = "llm-egress-gateway")]
+    node_token_audience: String,
     /// Tunnel entry for node agents (HTTP/2 CONNECT over mTLS).
     #[arg(long, default_value = "0.0.0.0:15008")]
     tunnel_listen: SocketAddr,
@@ -188,6 +205,9 @@ struct CertArgs {
     /// DNS name in the gateway certificate (repeatable).
     #[arg(long = "gateway-dns", default_values_t = ["istio-egressgateway.istio-system.svc.cluster.local".to_string(), "localhost".to_string()])]
     gateway_dns: Vec<String>,
+    /// Node the agent certificate is bound to (a URI SAN urn:llm-egress:node:NODE), for static node binding.
+    #[arg(long)]
+    agent_node: Option<String>,
     /// Workload certificates to issue, NAMESPACE/SERVICEACCOUNT (repeatable).
     #[arg(long = "workload", default_value = "default/sleep")]
     workloads: Vec<String>,
@@ -282,10 +302,23 @@ fn make_certs(args: CertArgs) -> anyhow::Result<()> {
         &certs::issue(&ca, &gw_id, &args.gateway_dns)?,
     )?;
     let agent_id = SpiffeId::workload(&args.trust_domain, "llm-egress", "llm-egress-agent");
-    certs::write(&args.out, "agent", &certs::issue(&ca, &agent_id, &[])?)?;
+    if let Some(node) = &args.agent_node {
+        anyhow::ensure!(
+            llm_egress_mesh::identity::is_node_name(node),
+            "--agent-node {node:?}: expected a node name (lower-case letters, digits, '-' and '.')"
+        );
+    }
+    certs::write(
+        &args.out,
+        "agent",
+        &certs::issue_for_node(&ca, &agent_id, &[], args.agent_node.as_deref())?,
+    )?;
     println!("CA:      {}", args.out.join("ca.pem").display());
     println!("gateway: {gw_id} ({})", args.gateway_dns.join(", "));
-    println!("agent:   {agent_id}");
+    match &args.agent_node {
+        Some(node) => println!("agent:   {agent_id} (node {node})"),
+        None => println!("agent:   {agent_id}"),
+    }
     for w in &args.workloads {
         let (ns, sa) = w
             .split_once('/')
@@ -303,10 +336,17 @@ fn make_certs(args: CertArgs) -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let me = identity(&args.identity, args.kube.kubernetes);
+    let mode = args.node_auth.unwrap_or(if args.kube.kubernetes {
+        NodeAuthMode::Kubernetes
+    } else {
+        NodeAuthMode::Static
+    });
+    let mut kube_client = None;
     let resources = match &args.config {
         Some(dir) => ResourceSource::Dir(dir.clone()),
         None => {
             let client = kube_watch::client(args.kube.kubeconfig.as_deref()).await?;
+            kube_client = Some(client.clone());
             let kube = kube_watch::KubeResources::start(
                 client,
                 &kube_watch::ALL_KINDS,
@@ -318,6 +358,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ResourceSource::Kube(kube)
         }
     };
+    let node_auth = match mode {
+        NodeAuthMode::Off => {
+            tracing::warn!("--node-auth off: any agent certificate may assert any workload identity");
+            node_auth::NodeAuth::Off
+        }
+        NodeAuthMode::Static => {
+            let path = args.node_workloads.as_deref().context(
+                "static node binding needs --node-workloads FILE (which workloads each node's agent may assert); or choose --node-auth off",
+            )?;
+            node_auth::NodeAuth::Static(
+                node_auth::StaticNodes::load(path).map_err(|e| anyhow::anyhow!("--node-workloads {e}"))?,
+            )
+        }
+        NodeAuthMode::Kubernetes => {
+            let client = kube_client.clone().context(
+                "--node-auth kubernetes reads pods from the Kubernetes API: add --kubernetes (or choose --node-auth static)",
+            )?;
+            let nodes = node_auth::KubeNodes::start(client, args.node_token_audience.clone());
+            let deadline = std::time::Instant::now() + Duration::from_secs(args.kube.sync_timeout);
+            while !nodes.synced() {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the Kubernetes API did not list pods within {} s (node binding); the gateway's role needs list/watch on pods",
+                    args.kube.sync_timeout
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            node_auth::NodeAuth::Kubernetes(nodes)
+        }
+    };
+    tracing::info!(mode = node_auth.describe(), "node binding of agent identities");
     let described = resources.describe();
     let source = config::ConfigSource::new(resources, me).map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -360,6 +431,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             idle: Duration::from_secs(args.idle_timeout),
         },
     });
+    tokio::spawn(release_freed_memory());
     let m = metrics.clone();
     source.watch(Duration::from_secs(1), move |ok| {
         m.reloads
@@ -377,6 +449,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         gw.clone(),
         tunnel_tls,
         Arc::new(agents),
+        Arc::new(node_auth),
         tunnel,
     ));
     if let Some(addr) = args.direct_listen {
@@ -397,4 +470,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = llm_egress_mesh::process::shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
+}
+
+/// Hands memory freed after a burst (thousands of streams) back to the OS.
+/// glibc keeps freed memory in its per-thread arenas otherwise, so the
+/// gateway's RSS would stay at its peak; trimming is a few milliseconds of
+/// work, at most once per period.
+async fn release_freed_memory() {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }

@@ -48,12 +48,27 @@ pub fn create_ca(trust_domain: &str) -> Result<Pem, CertError> {
 /// Issues a leaf certificate for `id`, valid as TLS client and server, with
 /// `dns_names` as additional SANs.
 pub fn issue(ca: &Pem, id: &SpiffeId, dns_names: &[String]) -> Result<Pem, CertError> {
+    issue_for_node(ca, id, dns_names, None)
+}
+
+/// `issue`, for an agent bound to `node` (a URI SAN `urn:llm-egress:node:<node>`).
+pub fn issue_for_node(
+    ca: &Pem,
+    id: &SpiffeId,
+    dns_names: &[String],
+    node: Option<&str>,
+) -> Result<Pem, CertError> {
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     let mut params = CertificateParams::new(dns_names.to_vec())?;
     params
         .subject_alt_names
         .push(SanType::URI(id.to_string().try_into()?));
+    if let Some(node) = node {
+        params.subject_alt_names.push(SanType::URI(
+            format!("{}{node}", crate::identity::NODE_URI_PREFIX).try_into()?,
+        ));
+    }
     params.distinguished_name.push(DnType::CommonName, id.principal());
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,

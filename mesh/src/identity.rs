@@ -96,6 +96,33 @@ pub fn spiffe_from_cert(der: &[u8]) -> Option<SpiffeId> {
     ids.next().is_none().then_some(first)
 }
 
+/// The URI SAN prefix that names the node an agent certificate belongs to
+/// (static mode: the gateway lets that node assert only its mapped workloads).
+pub const NODE_URI_PREFIX: &str = "urn:llm-egress:node:";
+
+/// The node named in a certificate's URI SANs, if exactly one is.
+pub fn node_from_cert(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut nodes = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u
+            .strip_prefix(NODE_URI_PREFIX)
+            .filter(|n| is_node_name(n))
+            .map(str::to_string),
+        _ => None,
+    });
+    let first = nodes.next()?;
+    nodes.next().is_none().then_some(first)
+}
+
+/// A Kubernetes node name: a DNS subdomain.
+pub fn is_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
 };
 
-use crate::identity::{spiffe_from_cert, SpiffeId};
+use crate::identity::{node_from_cert, spiffe_from_cert, SpiffeId};
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -122,6 +122,11 @@ pub fn peer_spiffe(state: &rustls::CommonState) -> Option<SpiffeId> {
         .peer_certificates()?
         .first()
         .and_then(|c| spiffe_from_cert(c))
+}
+
+/// The node named by the peer's leaf certificate (agents in static mode).
+pub fn peer_node(state: &rustls::CommonState) -> Option<String> {
+    state.peer_certificates()?.first().and_then(|c| node_from_cert(c))
 }
 
 type Builder<T> = Box<dyn Fn(&TlsFiles) -> Result<T, TlsError> + Send + Sync>;

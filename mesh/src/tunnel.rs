@@ -24,6 +24,11 @@ pub const HEADER_NAMESPACE: &str = "x-llm-egress-namespace";
 pub const HEADER_SERVICE_ACCOUNT: &str = "x-llm-egress-service-account";
 pub const HEADER_POD: &str = "x-llm-egress-pod";
 pub const HEADER_NODE: &str = "x-llm-egress-node";
+/// The agent's node credential on Kubernetes: a projected service-account
+/// token bound to the agent's pod (the gateway learns the node from it).
+pub const HEADER_NODE_TOKEN: &str = "x-llm-egress-node-token";
+/// Why the gateway refused a stream, on a non-200 answer.
+pub const HEADER_REFUSAL: &str = "x-llm-egress-refusal";
 
 /// Streams one tunnel connection may carry at once. hyper's default (200)
 /// would cap a node at 200 concurrent captured connections, since an agent
@@ -43,8 +48,14 @@ pub enum TunnelError {
     Tls { addr: String, source: std::io::Error },
     #[error("HTTP/2 with the gateway failed: {0}")]
     Http(#[from] hyper::Error),
-    #[error("the gateway refused the tunnel: {0}")]
-    Refused(StatusCode),
+    #[error("the gateway refused the tunnel: {0}: {1}")]
+    Refused(StatusCode, String),
+    #[error("the gateway at {addr} is {actual}, not the expected {expected}: check --gateway-identity and the gateway's certificate")]
+    WrongPeer {
+        addr: String,
+        expected: String,
+        actual: String,
+    },
     #[error("invalid tunnel request: {0}")]
     Request(String),
     #[error("timed out after {0:?}")]
@@ -161,35 +172,55 @@ pub struct ConnectRequest {
     pub headers: HeaderMap,
 }
 
-/// Serves one tunnel connection: every CONNECT stream is answered `200` and
-/// handed to `handler` with its byte stream. Other methods get `405`.
-pub async fn serve<IO, H, F>(io: IO, handler: H) -> Result<(), hyper::Error>
+/// A stream the server will not carry: the status answered and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+/// Serves one tunnel connection. Each CONNECT stream is first put to
+/// `admit` (identity checks); admitted streams are answered `200` and handed
+/// to `handler` with what `admit` returned and their byte stream, refused
+/// ones get the refusal's status and reason. Other methods get `405`.
+pub async fn serve<IO, A, AF, T, H, F>(io: IO, admit: A, handler: H) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(ConnectRequest, TunnelStream) -> F + Clone + Send + Sync + 'static,
+    A: Fn(&ConnectRequest) -> AF + Clone + Send + Sync + 'static,
+    AF: Future<Output = Result<T, Refusal>> + Send + 'static,
+    T: Send + 'static,
+    H: Fn(ConnectRequest, T, TunnelStream) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-        let handler = handler.clone();
+        let (admit, handler) = (admit.clone(), handler.clone());
         async move {
-            if req.method() != Method::CONNECT {
+            let status_only = |status: StatusCode, reason: Option<&str>| {
                 let mut resp = Response::new(Empty::<Bytes>::new());
-                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-                return Ok::<_, std::convert::Infallible>(resp);
+                *resp.status_mut() = status;
+                if let Some(v) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {
+                    resp.headers_mut().insert(HEADER_REFUSAL, v);
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            };
+            if req.method() != Method::CONNECT {
+                return status_only(StatusCode::METHOD_NOT_ALLOWED, None);
             }
             let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
-                let mut resp = Response::new(Empty::<Bytes>::new());
-                *resp.status_mut() = StatusCode::BAD_REQUEST;
-                return Ok(resp);
+                return status_only(StatusCode::BAD_REQUEST, None);
             };
             let connect = ConnectRequest {
                 authority,
                 headers: std::mem::take(req.headers_mut()),
             };
+            let admitted = match admit(&connect).await {
+                Ok(t) => t,
+                Err(r) => return status_only(r.status, Some(&r.reason)),
+            };
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 match upgrade.await {
-                    Ok(upgraded) => handler(connect, TokioIo::new(upgraded)).await,
+                    Ok(upgraded) => handler(connect, admitted, TokioIo::new(upgraded)).await,
                     Err(e) => tracing::debug!(error = %e, "tunnel stream upgrade failed"),
                 }
             });
@@ -204,6 +235,41 @@ where
         .await
 }
 
+/// The agent's node credential, read from a file that the kubelet rotates
+/// (a projected service-account token); re-read when the file changes.
+pub struct NodeToken {
+    path: std::path::PathBuf,
+    cached: std::sync::Mutex<Option<(std::time::SystemTime, HeaderValue)>>,
+}
+
+impl NodeToken {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> NodeToken {
+        NodeToken {
+            path: path.into(),
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current token as a (sensitive) header value.
+    pub fn value(&self) -> Result<HeaderValue, TunnelError> {
+        let unreadable = |e: String| TunnelError::Request(format!("node token {}: {e}", self.path.display()));
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .map_err(|e| unreadable(e.to_string()))?;
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, v)) = cached.as_ref() {
+            if *at == modified {
+                return Ok(v.clone());
+            }
+        }
+        let text = std::fs::read_to_string(&self.path).map_err(|e| unreadable(e.to_string()))?;
+        let mut v = HeaderValue::from_str(text.trim()).map_err(|_| unreadable("not a token".into()))?;
+        v.set_sensitive(true);
+        *cached = Some((modified, v.clone()));
+        Ok(v)
+    }
+}
+
 /// The client half: one HTTP/2 connection to one gateway, reopened when it
 /// breaks. Streams are multiplexed on it.
 pub struct TunnelClient {
@@ -214,6 +280,10 @@ pub struct TunnelClient {
     tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
     connect_timeout: Duration,
     sender: tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>,
+    /// The gateway's SPIFFE ID, checked after the handshake when set.
+    expected_peer: Option<SpiffeId>,
+    /// Sent with every stream when set (Kubernetes node binding).
+    node_token: Option<Arc<NodeToken>>,
     /// After a failed dial, connections fail fast until this instant.
     backoff: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
@@ -237,8 +307,23 @@ impl TunnelClient {
             tls,
             connect_timeout: Duration::from_secs(5),
             sender: tokio::sync::Mutex::new(None),
+            expected_peer: None,
+            node_token: None,
             backoff: std::sync::Mutex::new((0, None)),
         })
+    }
+
+    /// Refuse a gateway whose certificate is not `id` (the DNS name alone
+    /// is not enough: any certificate of the CA may carry it).
+    pub fn expect_peer(mut self, id: SpiffeId) -> TunnelClient {
+        self.expected_peer = Some(id);
+        self
+    }
+
+    /// Send this node credential with every stream.
+    pub fn with_node_token(mut self, token: Arc<NodeToken>) -> TunnelClient {
+        self.node_token = Some(token);
+        self
     }
 
     pub fn addr(&self) -> &str {
@@ -262,6 +347,17 @@ impl TunnelClient {
                 addr: addr.to_string(),
                 source,
             })?;
+        if let Some(expected) = &self.expected_peer {
+            let actual = crate::tls::peer_spiffe(tls.get_ref().1);
+            if actual.as_ref() != Some(expected) {
+                return Err(TunnelError::WrongPeer {
+                    addr: addr.to_string(),
+                    expected: expected.to_string(),
+                    actual: actual
+                        .map_or_else(|| "a certificate without SPIFFE ID".into(), |a| a.to_string()),
+                });
+            }
+        }
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -331,10 +427,19 @@ impl TunnelClient {
             .body(Empty::<Bytes>::new())
             .map_err(|e| TunnelError::Request(e.to_string()))?;
         who.write_headers(req.headers_mut())?;
+        if let Some(token) = &self.node_token {
+            req.headers_mut().insert(HEADER_NODE_TOKEN, token.value()?);
+        }
         sender.ready().await?;
         let mut resp = sender.send_request(req).await?;
         if resp.status() != StatusCode::OK {
-            return Err(TunnelError::Refused(resp.status()));
+            let reason = resp
+                .headers()
+                .get(HEADER_REFUSAL)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            return Err(TunnelError::Refused(resp.status(), reason));
         }
         let upgraded = hyper::upgrade::on(&mut resp).await?;
         Ok(TokioIo::new(upgraded))
@@ -389,7 +494,8 @@ mod tests {
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve(
             server_io,
-            move |req: ConnectRequest, mut stream: TunnelStream| {
+            |_: &ConnectRequest| async { Ok::<(), Refusal>(()) },
+            move |req: ConnectRequest, _: (), mut stream: TunnelStream| {
                 let seen_tx = seen_tx.clone();
                 async move {
                     let who = WorkloadIdentity::from_headers(&req.headers).unwrap();
@@ -422,5 +528,52 @@ mod tests {
         let (authority, seen) = seen_rx.recv().await.unwrap();
         assert_eq!(authority, "203.0.113.10:80");
         assert_eq!(seen, Some(who()));
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_gets_the_status_and_reason_and_no_handler() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(
+            server_io,
+            |_: &ConnectRequest| async {
+                Err::<(), _>(Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    reason: "pod x runs on node-b".into(),
+                })
+            },
+            |_: ConnectRequest, _: (), _: TunnelStream| async { panic!("a refused stream was served") },
+        ));
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("203.0.113.10:80")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()[HEADER_REFUSAL], "pod x runs on node-b");
+    }
+
+    #[test]
+    fn the_node_token_is_reread_when_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "tok-1\n").unwrap();
+        let t = NodeToken::new(&f);
+        assert_eq!(t.value().unwrap(), "tok-1");
+        assert!(t.value().unwrap().is_sensitive());
+        std::fs::write(&f, "tok-2").unwrap();
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(t.value().unwrap(), "tok-2");
     }
 }

@@ -156,6 +156,68 @@ fn agent_daemonset_is_privileged_on_the_host_network_with_bpffs_cgroup_and_probe
     assert!(env.contains(&("NODE_IP", "status.hostIP")) && env.contains(&("NODE_NAME", "spec.nodeName")));
     // The agent's flags as rendered are flags the agent accepts.
     assert_flags_accepted(&env::agent_bin(), &args);
+
+    // /status and /metrics name the node's workloads: loopback only; the
+    // kubelet probes a port that reveals nothing.
+    assert!(args.contains(&"--admin=127.0.0.1:15021"), "{args:?}");
+    assert!(args.contains(&"--health-listen=0.0.0.0:15022"), "{args:?}");
+    assert!(!args.contains(&"--health-metrics"), "{args:?}");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15022);
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], 15022);
+    assert!(
+        ds["spec"]["template"]["metadata"]["annotations"].is_null(),
+        "metrics are not exposed by default"
+    );
+    // A pod-bound token for the gateway's audience binds the agent to its node.
+    assert!(
+        args.contains(&"--node-token-file=/var/run/secrets/llm-egress/node-token"),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--gateway-identity=spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway-service-account"),
+        "{args:?}"
+    );
+    let token = volumes.iter().find(|v| v["name"] == "node-token").unwrap();
+    let projected = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(projected["audience"], "llm-egress-gateway");
+    assert_eq!(projected["path"], "node-token");
+}
+
+#[test]
+fn the_chart_ca_is_private_to_the_release_namespaces() {
+    let docs = rendered_docs(&[]);
+    assert!(
+        docs.iter().all(|d| d["kind"] != "ClusterIssuer"),
+        "a ClusterIssuer lets anyone who can create a Certificate anywhere mint an agent identity"
+    );
+    let release_namespaces = ["llm-egress", "istio-system"];
+    let issuers: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Issuer").collect();
+    assert_eq!(issuers.len(), 2);
+    for i in &issuers {
+        let ns = i["metadata"]["namespace"].as_str().unwrap();
+        assert!(release_namespaces.contains(&ns), "Issuer in {ns}");
+        assert_eq!(i["spec"]["ca"]["secretName"], "llm-egress-ca");
+    }
+    for d in docs.iter().filter(|d| d["kind"] == "Certificate") {
+        assert_eq!(d["spec"]["issuerRef"]["kind"], "Issuer", "{d}");
+        assert!(release_namespaces.contains(&d["metadata"]["namespace"].as_str().unwrap()));
+    }
+    // The CA key exists only in the two release namespaces, and the same CA
+    // signs both ends (each trusts the other through its own ca.crt).
+    let cas: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "llm-egress-ca")
+        .collect();
+    assert_eq!(cas.len(), 2);
+    assert_eq!(cas[0]["data"]["tls.crt"], cas[1]["data"]["tls.crt"]);
+    assert_eq!(cas[0]["data"]["ca.crt"], cas[0]["data"]["tls.crt"]);
+    // Each render is a new CA: nothing is shared between installations.
+    let again = rendered_docs(&[]);
+    let ca_again = again
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "llm-egress-ca")
+        .unwrap();
+    assert_ne!(ca_again["data"]["tls.key"], cas[0]["data"]["tls.key"]);
 }
 
 #[test]
@@ -221,7 +283,11 @@ fn checked_in_crds_and_manifests_are_what_the_code_and_chart_generate() {
     );
     let manifests = std::fs::read_to_string(repo_dir().join("deploy/manifests/llm-egress.yaml")).unwrap();
     assert!(
-        manifests == render_chart(&[]),
+        !manifests.contains("tls.key") && !manifests.contains("PRIVATE KEY"),
+        "the shared plain manifests carry a key"
+    );
+    assert!(
+        manifests == render_chart(&["certificates.mode=existingSecrets"]),
         "deploy/manifests/llm-egress.yaml is stale: run `cargo xtask crds`"
     );
 }

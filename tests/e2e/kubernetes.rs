@@ -19,38 +19,6 @@ const HOST: Place = Place {
     cgroup: None,
 };
 
-fn crds() -> String {
-    std::fs::read_to_string(chart_dir().join("crds/crds.yaml")).expect("the chart's CRDs")
-}
-
-/// The chart's RBAC, exactly as `helm template` renders it, plus the
-/// namespaces it binds into.
-fn chart_rbac() -> String {
-    let rendered = render_chart(&[]);
-    documents_of(
-        &rendered,
-        &[
-            "Namespace",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
-        ],
-    )
-}
-
-/// Sets up CRDs and RBAC; returns once the CRDs are served.
-fn install_basics(api: &ApiServer, place: &Place, crds: &str) {
-    api.apply_ok(place, crds);
-    wait_for("the CRDs to be served", Duration::from_secs(30), || {
-        api.kubectl(place, &["get", "llmroutes,authorizationpolicies", "-A"])
-            .status
-            .success()
-            .then_some(())
-    });
-    api.apply_ok(place, &chart_rbac());
-}
-
 fn enrolled(lab: &CaptureLab) -> Vec<String> {
     lab.status()["workloads"]["enrolled"]
         .as_array()
@@ -307,44 +275,6 @@ async fn wait_status(lab: &GatewayLab, want: StatusCode, what: &str) -> String {
     }
 }
 
-fn accepted(api: &ApiServer, kind: &str, ns: &str, name: &str) -> (String, String) {
-    let out = api.kubectl(
-        &HOST,
-        &[
-            "-n",
-            ns,
-            "get",
-            kind,
-            name,
-            "-o",
-            "jsonpath={.status.conditions[0].status}|{.status.conditions[0].message}",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (s, m) = text.split_once('|').unwrap_or(("", ""));
-    (s.to_string(), m.to_string())
-}
-
-/// CRDs as a laxer distribution may have installed them: any spec passes
-/// admission, so bad resources reach the watchers.
-fn lax_crds() -> String {
-    crds()
-        .split("\n---")
-        .map(|doc| {
-            let mut v: serde_json::Value = match serde_yaml_ng::from_str(doc) {
-                Ok(v) => v,
-                Err(_) => return String::new(),
-            };
-            if v.is_null() {
-                return String::new();
-            }
-            v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
-                serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
-            format!("---\n{}", serde_yaml_ng::to_string(&v).unwrap())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_ones() {
     let mut api = ApiServer::start(&HOST);
@@ -566,6 +496,13 @@ fn chart_rbac_grants_the_agent_and_gateway_only_what_they_use() {
             "list",
             "llmproviders.istio.alibabacloud.com",
             "istio-system",
+            true,
+        ),
+        (
+            agent,
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "default",
             false,
         ),
         (agent, "patch", "pods", "default", false),
@@ -607,7 +544,17 @@ fn chart_rbac_grants_the_agent_and_gateway_only_what_they_use() {
         ),
         (gateway, "get", "secrets/other", "istio-system", false),
         (gateway, "list", "secrets", "default", false),
-        (gateway, "list", "pods", "default", false),
+        // Node binding: the pod index and token reviews, nothing more on pods.
+        (gateway, "watch", "pods", "default", true),
+        (gateway, "patch", "pods", "default", false),
+        (
+            gateway,
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "default",
+            true,
+        ),
+        (gateway, "get", "secrets/llm-egress-ca", "istio-system", false),
     ] {
         assert_eq!(
             can_i(&api, who, verb, what, ns),
@@ -712,4 +659,79 @@ fn helm_install_creates_the_release_and_leaves_an_existing_istio_system_alone() 
     // An upgrade keeps the namespace it created.
     helm("upgrade");
     assert!(get(&["get", "namespace", "llm-egress", "-o", "name"]).contains("llm-egress"));
+}
+
+/// A tenant who administers its own namespace, cert-manager Certificates
+/// and Issuers included (what cert-manager's aggregated roles give a
+/// namespace admin), cannot obtain an agent or gateway identity: the chart's
+/// CA Secrets and Issuers live only in the release namespaces, where the
+/// tenant can neither read Secrets nor create Certificates, and there is no
+/// ClusterIssuer (cert-manager resolves `kind: Issuer` in the Certificate's
+/// own namespace).
+#[test]
+fn a_tenant_cannot_obtain_an_agent_or_gateway_certificate_from_the_chart_ca() {
+    let api = ApiServer::start(&HOST);
+    install_basics(&api, &HOST, &crds());
+    let rendered = render_chart(&[]);
+    assert!(
+        !rendered.contains("kind: ClusterIssuer"),
+        "the chart renders a ClusterIssuer"
+    );
+    // The CA Secrets exactly as rendered.
+    let ca_secrets: String = rendered
+        .split("\n---")
+        .filter(|d| d.contains("kind: Secret") && d.contains("name: llm-egress-ca"))
+        .map(|d| format!("---{}\n", d.trim_start_matches('-')))
+        .collect();
+    api.apply_ok(&HOST, &ca_secrets);
+    api.apply_ok(
+        &HOST,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: cert-manager-namespace-admin}\nrules:\n- apiGroups: [cert-manager.io]\n  resources: [certificates, issuers, certificaterequests]\n  verbs: ['*']\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: dev-admin, namespace: team-a}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: admin}\nsubjects: [{kind: ServiceAccount, name: dev, namespace: team-a}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: dev-certs, namespace: team-a}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cert-manager-namespace-admin}\nsubjects: [{kind: ServiceAccount, name: dev, namespace: team-a}]\n",
+    );
+    let tenant = "system:serviceaccount:team-a:dev";
+    // The tenant really is an admin of its namespace...
+    for (verb, what) in [
+        ("create", "certificates.cert-manager.io"),
+        ("create", "issuers.cert-manager.io"),
+        ("get", "secrets"),
+    ] {
+        assert!(
+            can_i(&api, tenant, verb, what, "team-a"),
+            "{verb} {what} in team-a"
+        );
+    }
+    // ...and nothing more where the CA lives.
+    for ns in ["llm-egress", "istio-system"] {
+        for (verb, what) in [
+            ("create", "certificates.cert-manager.io"),
+            ("create", "certificaterequests.cert-manager.io"),
+            ("get", "secrets/llm-egress-ca"),
+            ("list", "secrets"),
+            ("create", "pods"),
+        ] {
+            assert!(
+                !can_i(&api, tenant, verb, what, ns),
+                "the tenant may {verb} {what} in {ns}"
+            );
+        }
+    }
+    assert!(!can_i(
+        &api,
+        tenant,
+        "create",
+        "clusterissuers.cert-manager.io",
+        "default"
+    ));
+    // Neither component can read the CA key either.
+    for who in [
+        "system:serviceaccount:llm-egress:llm-egress-agent",
+        "system:serviceaccount:istio-system:istio-egressgateway-service-account",
+    ] {
+        for ns in ["llm-egress", "istio-system"] {
+            assert!(
+                !can_i(&api, who, "get", "secrets/llm-egress-ca", ns),
+                "{who} reads the CA in {ns}"
+            );
+        }
+    }
 }

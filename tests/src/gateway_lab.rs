@@ -50,6 +50,11 @@ pub struct GatewayLab {
     /// Read resources and the key Secret from the API with this kubeconfig
     /// instead of the `config` directory.
     pub kubeconfig: Option<PathBuf>,
+    /// `--node-auth` with the API (`static` unless a test binds agents to
+    /// nodes through it).
+    pub kube_node_auth: &'static str,
+    /// More `run` flags (for the next `start_gateway`).
+    pub extra_args: Vec<String>,
 }
 
 impl GatewayLab {
@@ -104,6 +109,8 @@ impl GatewayLab {
             ip,
             api_key,
             kubeconfig,
+            kube_node_auth: "static",
+            extra_args: Vec::new(),
         };
 
         issue_certs(&lab.certs(), &["default/sleep", "default/other"], &["localhost"]);
@@ -154,10 +161,48 @@ impl GatewayLab {
                     "--kubernetes".into(),
                     "--kubeconfig".into(),
                     kc.display().to_string(),
+                    // The lab's clients carry no node token; the node
+                    // binding against the API has its own test.
+                    "--node-auth".into(),
+                    self.kube_node_auth.into(),
                 ],
             );
         }
+        args.extend(self.extra_args.iter().cloned());
         args
+    }
+
+    /// Restarts the gateway (with the current `extra_args`).
+    pub fn restart_gateway(&mut self) {
+        if let Some(mut g) = self.gateway.take() {
+            g.stop();
+        }
+        self.start_gateway();
+    }
+
+    /// The gateway's resident memory, in KiB.
+    pub fn gateway_rss_kib(&self) -> u64 {
+        let pid = self
+            .gateway
+            .as_ref()
+            .and_then(|g| g.child.as_ref())
+            .map(|c| c.id())
+            .expect("a running gateway");
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A counter or gauge from `/metrics` (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.admin_get("/metrics")
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn start_gateway(&mut self) {
@@ -293,15 +338,22 @@ pub fn gateway_run_args(certs: &Path, config: &Path, tunnel: &str, admin: &str) 
         admin.into(),
         "--upstream-ca".into(),
         c("ca.pem"),
+        "--node-workloads".into(),
+        c("node-workloads.yaml"),
     ]
 }
+
+/// The lab's agent runs on this node (its certificate says so).
+pub const LAB_NODE: &str = "node-1";
 
 /// Issues a lab's certificates into `dir`: `llm-egress-gateway certs` (CA,
 /// gateway, agent and `workloads`), plus the provider's certificate for
 /// dashscope.aliyuncs.com from the same CA.
 pub fn issue_certs(dir: &Path, workloads: &[&str], gateway_dns: &[&str]) {
     let mut cmd = Command::new(env::gateway_bin());
-    cmd.args(["certs", "--out"]).arg(dir);
+    cmd.args(["certs", "--out"])
+        .arg(dir)
+        .args(["--agent-node", LAB_NODE]);
     for w in workloads {
         cmd.args(["--workload", w]);
     }
@@ -325,6 +377,12 @@ pub fn issue_certs(dir: &Path, workloads: &[&str], gateway_dns: &[&str]) {
     )
     .unwrap();
     certs::write(dir, "provider", &provider).unwrap();
+    // Static node binding: the lab's one node may assert every workload.
+    std::fs::write(
+        dir.join("node-workloads.yaml"),
+        format!("nodes:\n  {LAB_NODE}: ['*']\n"),
+    )
+    .unwrap();
 }
 
 /// Starts the OpenAI-compatible test provider on `listen` (port 443), with

@@ -313,3 +313,75 @@ pub fn documents_of(yaml: &str, kinds: &[&str]) -> String {
         .map(|d| format!("---{}\n", d.trim_start_matches('-')))
         .collect()
 }
+
+/// The chart's generated CRDs.
+pub fn crds() -> String {
+    std::fs::read_to_string(chart_dir().join("crds/crds.yaml")).expect("the chart's CRDs")
+}
+
+/// The chart's RBAC, exactly as `helm template` renders it, plus the
+/// namespaces it binds into.
+pub fn chart_rbac() -> String {
+    let rendered = render_chart(&[]);
+    documents_of(
+        &rendered,
+        &[
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ],
+    )
+}
+
+/// Sets up CRDs and RBAC; returns once the CRDs are served.
+pub fn install_basics(api: &ApiServer, place: &Place, crds: &str) {
+    api.apply_ok(place, crds);
+    wait_for("the CRDs to be served", Duration::from_secs(30), || {
+        api.kubectl(place, &["get", "llmroutes,authorizationpolicies", "-A"])
+            .status
+            .success()
+            .then_some(())
+    });
+    api.apply_ok(place, &chart_rbac());
+}
+
+/// An object's `Accepted` condition: (status, message); empty before the gateway wrote one.
+pub fn accepted(api: &ApiServer, kind: &str, ns: &str, name: &str) -> (String, String) {
+    let out = api.kubectl(
+        &Place::default(),
+        &[
+            "-n",
+            ns,
+            "get",
+            kind,
+            name,
+            "-o",
+            "jsonpath={.status.conditions[0].status}|{.status.conditions[0].message}",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (s, m) = text.split_once('|').unwrap_or(("", ""));
+    (s.to_string(), m.to_string())
+}
+
+/// CRDs as a laxer distribution may have installed them: any spec passes
+/// admission, so bad resources reach the watchers.
+pub fn lax_crds() -> String {
+    crds()
+        .split("\n---")
+        .map(|doc| {
+            let mut v: serde_json::Value = match serde_yaml_ng::from_str(doc) {
+                Ok(v) => v,
+                Err(_) => return String::new(),
+            };
+            if v.is_null() {
+                return String::new();
+            }
+            v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+                serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+            format!("---\n{}", serde_yaml_ng::to_string(&v).unwrap())
+        })
+        .collect()
+}

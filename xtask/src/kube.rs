@@ -12,6 +12,9 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The values `deploy/manifests/llm-egress.yaml` is rendered with.
+pub const PLAIN_MANIFEST_VALUES: &str = "certificates.mode=existingSecrets";
+
 /// Writes `deploy/helm/llm-egress/crds/crds.yaml` and `deploy/manifests/llm-egress.yaml`.
 pub fn crds() -> anyhow::Result<()> {
     crate::setup::kubernetes_tools_user()?;
@@ -19,11 +22,15 @@ pub fn crds() -> anyhow::Result<()> {
     let chart = repo().join("deploy/helm/llm-egress");
     std::fs::write(chart.join("crds/crds.yaml"), crds)?;
     let helm = llm_egress_tests::kube_lab::tool("helm");
+    // Plain manifests are shared by everyone who applies them: they must
+    // carry no CA key, so they expect Secrets made per cluster (see
+    // deploy/README.md) instead of the chart's per-release CA.
     let manifests = output(
         Command::new(helm)
             .args(["template", "llm-egress"])
             .arg(&chart)
-            .arg("--include-crds"),
+            .arg("--include-crds")
+            .args(["--set", PLAIN_MANIFEST_VALUES]),
     )?;
     std::fs::write(repo().join("deploy/manifests/llm-egress.yaml"), manifests)?;
     println!("wrote deploy/helm/llm-egress/crds/crds.yaml and deploy/manifests/llm-egress.yaml");

@@ -28,7 +28,15 @@ spiffe://{{ .Values.trustDomain }}/ns/{{ .Values.gateway.namespace }}/sa/{{ incl
 {{ toYaml .Values.certificates.issuerRef }}
 {{- else -}}
 name: llm-egress-ca
-kind: ClusterIssuer
+kind: Issuer
 group: cert-manager.io
 {{- end -}}
+{{- end -}}
+
+{{/* Namespaces trusted with LLMProviders (and so with keys). */}}
+{{- define "llm-egress.trustedNamespaces" -}}
+{{- $all := concat (list .Values.gateway.namespace .Values.gateway.rootNamespace) .Values.trust.namespaces -}}
+{{- range $all | uniq }}
+- --trusted-namespace={{ . }}
+{{- end }}
 {{- end -}}
