@@ -46,6 +46,7 @@ impl WorkloadLimit {
     }
 
     /// Connections `workload` holds now.
+    #[cfg(test)]
     pub fn held(&self, workload: &str) -> usize {
         self.open
             .lock()

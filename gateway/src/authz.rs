@@ -519,4 +519,47 @@ mod tests {
             Decision::Deny("DENY policy istio-system/test".into())
         );
     }
+
+    /// Fuzz target: the matcher and the evaluator on any strings. Never
+    /// panics; `*` matches exactly the non-empty values; a pattern without
+    /// `*` matches only itself; DENY on every source always denies.
+    #[test]
+    fn fuzz_authorization_matcher() {
+        let deny_all = policies(
+            "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: istio-system}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: ['*']}}]\n    to: [{operation: {hosts: ['*.aliyuncs.com', 'dashscope*'], paths: ['/v1/*']}}]\n  - from: [{source: {notNamespaces: ['x']}}]\n",
+        );
+        bolero::check!()
+            .with_type::<(String, String, String, String)>()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|(pattern, value, principal, host)| {
+                let _ = value_matches(pattern, value);
+                assert_eq!(value_matches("*", value), !value.is_empty());
+                if !pattern.contains('*') {
+                    assert_eq!(value_matches(pattern, value), pattern == value);
+                }
+                let mut headers = HeaderMap::new();
+                if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+                    headers.insert("x-fuzz", v);
+                }
+                let claims = serde_json::json!({"sub": value});
+                let a = Attributes {
+                    principal: Some(principal),
+                    namespace: Some(value),
+                    request_principal: Some(pattern),
+                    claims: Some(&claims),
+                    host,
+                    port: Some(80),
+                    method: Some("POST"),
+                    path: Some(value),
+                    headers: Some(&headers),
+                };
+                let d = evaluate(&deny_all, &a);
+                if !principal.is_empty() || value != "x" {
+                    assert!(
+                        matches!(d, Decision::Deny(_)),
+                        "{d:?} for {principal:?} {value:?}"
+                    );
+                }
+            });
+    }
 }

@@ -2,6 +2,12 @@
 //! agents' tunnels and workloads' mTLS requests, enforces policy per
 //! workload identity, adapts requests to providers and streams answers back.
 
+/// Random inputs per fuzz target in `cargo test` (CI); raise it with
+/// `BOLERO_RANDOM_ITERATIONS`, or run a target under libFuzzer with
+/// `cargo bolero test` (README, "Fuzzing").
+#[cfg(test)]
+const FUZZ_ITERATIONS: usize = 2000;
+
 mod admin;
 mod authz;
 mod config;

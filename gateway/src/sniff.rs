@@ -168,4 +168,26 @@ mod tests {
         p.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "POST / HTTP/1.1\r\nHost: x\r\n\r\n");
     }
+
+    /// Fuzz target: any bytes a pod sends first. Never panics, never reads
+    /// more than it may replay, and keeps every byte it read.
+    #[test]
+    fn fuzz_sniff() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        bolero::check!()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|input: &[u8]| {
+                let mut buf = Vec::new();
+                let mut rd = input;
+                let r = rt.block_on(sniff(&mut rd, &mut buf));
+                assert!(r.is_ok());
+                assert!(buf.len() <= input.len());
+                assert_eq!(
+                    &buf[..],
+                    &input[..buf.len()],
+                    "read bytes are replayed as they came"
+                );
+                assert!(buf.len() <= MAX_HELLO + 4096);
+            });
+    }
 }

@@ -227,4 +227,60 @@ mod tests {
         e.feed(b"not json");
         assert_eq!(e.finish(), None);
     }
+
+    /// Fuzz target: any SSE or JSON body, cut anywhere. Never panics, and the
+    /// usage found does not depend on how the body was split into frames.
+    #[test]
+    fn fuzz_usage_parsers() {
+        bolero::check!()
+            .with_type::<(bool, Vec<u16>, Vec<u8>)>()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|(sse, cuts, body)| {
+                let ct = if *sse {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                };
+                let mut whole = Extractor::for_content_type(Some(ct));
+                whole.feed(body);
+                let expected = whole.finish();
+                let mut split = Extractor::for_content_type(Some(ct));
+                let mut at = 0;
+                for c in cuts {
+                    let end = (at + *c as usize % 64).min(body.len());
+                    split.feed(&body[at..end]);
+                    at = end;
+                }
+                split.feed(&body[at..]);
+                assert_eq!(split.finish(), expected);
+            });
+    }
+
+    #[test]
+    fn fuzz_usage_parsers_on_real_streams() {
+        // Structured inputs: real chunks with a usage of fuzzed numbers.
+        bolero::check!()
+            .with_type::<(u64, u64, u8)>()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|(p, c, n)| {
+                let mut body = String::new();
+                for i in 0..*n % 8 {
+                    body.push_str(&format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{i}\"}}}}]}}\n\n"));
+                }
+                body.push_str(&format!(
+                    "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\ndata: [DONE]\n\n"
+                ));
+                let mut e = Extractor::for_content_type(Some("text/event-stream"));
+                for b in body.as_bytes().chunks(7) {
+                    e.feed(b);
+                }
+                assert_eq!(
+                    e.finish(),
+                    Some(Usage {
+                        prompt_tokens: *p,
+                        completion_tokens: *c
+                    })
+                );
+            });
+    }
 }

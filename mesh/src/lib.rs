@@ -3,6 +3,12 @@
 //! HTTP/2 CONNECT tunnel (client and server halves), local certificate
 //! issuance, and the Istio / ASM resources with their validation.
 
+/// Random inputs per fuzz target in `cargo test` (CI); raise it with
+/// `BOLERO_RANDOM_ITERATIONS`, or run a target under libFuzzer with
+/// `cargo bolero test` (README, "Fuzzing").
+#[cfg(test)]
+const FUZZ_ITERATIONS: usize = 2000;
+
 pub mod certs;
 pub mod crds;
 pub mod identity;

@@ -985,4 +985,57 @@ mod tests {
         };
         assert!(!format!("{c:?}").contains("sk-secret"));
     }
+
+    /// Fuzz target: any resource text, and the seed's manifests with a
+    /// fuzzed splice. Parsing, validation and scoping never panic, and
+    /// scoping keeps one route and one provider per host.
+    #[test]
+    fn fuzz_resource_parsing_validation_and_scoping() {
+        let seed: String = [
+            "dashscope-qwen.yaml",
+            "dashscope-route.yaml",
+            "egress-gw.yaml",
+            "authpolicy.yaml",
+        ]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(
+                Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples")).join(f),
+            )
+            .unwrap()
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+        let scope = crate::scope::Scope::new(["istio-system"]);
+        bolero::check!()
+            .with_type::<(u16, u8, Vec<u8>, bool)>()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|(at, len, splice, raw)| {
+                let text = if *raw {
+                    String::from_utf8_lossy(splice).into_owned()
+                } else {
+                    let bytes = seed.as_bytes();
+                    let at = (*at as usize).min(bytes.len());
+                    let end = (at + *len as usize).min(bytes.len());
+                    let mut t = bytes[..at].to_vec();
+                    t.extend_from_slice(splice);
+                    t.extend_from_slice(&bytes[end..]);
+                    String::from_utf8_lossy(&t).into_owned()
+                };
+                let mut set = ResourceSet::default();
+                let _ = set.add_text(Path::new("fuzz.yaml"), &text);
+                let _ = set.validate();
+                let _ = crate::scope::admit(&mut set, &scope);
+                let mut hosts: Vec<String> = set
+                    .routes
+                    .iter()
+                    .map(|r| r.spec.host.to_ascii_lowercase())
+                    .collect();
+                let n = hosts.len();
+                hosts.sort();
+                hosts.dedup();
+                assert_eq!(hosts.len(), n, "two accepted routes for one host");
+                assert!(set.providers.iter().all(|p| scope.is_trusted(p.meta.namespace())));
+            });
+    }
 }

@@ -576,4 +576,41 @@ mod tests {
             .unwrap();
         assert_eq!(t.value().unwrap(), "tok-2");
     }
+
+    /// Fuzz target: any identity headers an agent (or anyone) sends. Never
+    /// panics; whatever is accepted is consistent and survives a round trip.
+    #[test]
+    fn fuzz_identity_headers() {
+        const NAMES: [&str; 6] = [
+            HEADER_WORKLOAD,
+            HEADER_NAMESPACE,
+            HEADER_SERVICE_ACCOUNT,
+            HEADER_POD,
+            HEADER_NODE,
+            HEADER_NODE_TOKEN,
+        ];
+        bolero::check!()
+            .with_type::<(Vec<(u8, Vec<u8>)>, String, String)>()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|(raw, ns, sa)| {
+                let mut h = HeaderMap::new();
+                // A plausible workload ID half of the time, so that the
+                // checks after the SPIFFE parse are reached too.
+                if let Ok(v) = HeaderValue::from_str(&format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")) {
+                    h.insert(HEADER_WORKLOAD, v);
+                }
+                for (i, value) in raw {
+                    if let Ok(v) = HeaderValue::from_bytes(value) {
+                        h.append(NAMES[*i as usize % NAMES.len()], v);
+                    }
+                }
+                if let Ok(Some(w)) = WorkloadIdentity::from_headers(&h) {
+                    assert_eq!(w.spiffe.namespace(), Some(w.namespace.as_str()));
+                    assert_eq!(w.spiffe.service_account(), Some(w.service_account.as_str()));
+                    let mut again = HeaderMap::new();
+                    w.write_headers(&mut again).unwrap();
+                    assert_eq!(WorkloadIdentity::from_headers(&again).unwrap(), Some(w));
+                }
+            });
+    }
 }

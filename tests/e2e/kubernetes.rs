@@ -661,9 +661,10 @@ fn helm_install_creates_the_release_and_leaves_an_existing_istio_system_alone() 
     assert!(get(&["get", "namespace", "llm-egress", "-o", "name"]).contains("llm-egress"));
 }
 
-/// A tenant who administers its own namespace, cert-manager Certificates
-/// and Issuers included (what cert-manager's aggregated roles give a
-/// namespace admin), cannot obtain an agent or gateway identity: the chart's
+/// A tenant who administers its own namespace (its Secrets and pods, and
+/// cert-manager Certificates and Issuers, as cert-manager's aggregated roles
+/// give a namespace admin; there is no controller-manager here to
+/// aggregate the built-in `admin` role), cannot obtain an agent or gateway identity: the chart's
 /// CA Secrets and Issuers live only in the release namespaces, where the
 /// tenant can neither read Secrets nor create Certificates, and there is no
 /// ClusterIssuer (cert-manager resolves `kind: Issuer` in the Certificate's
@@ -684,9 +685,36 @@ fn a_tenant_cannot_obtain_an_agent_or_gateway_certificate_from_the_chart_ca() {
         .map(|d| format!("---{}\n", d.trim_start_matches('-')))
         .collect();
     api.apply_ok(&HOST, &ca_secrets);
+    // cert-manager's kinds, so that discovery knows them (schemas do not matter here).
+    let crd = |kind: &str, plural: &str, scope: &str| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.cert-manager.io}}\nspec:\n  group: cert-manager.io\n  scope: {scope}\n  names: {{kind: {kind}, plural: {plural}, singular: {}}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}\n---\n",
+            kind.to_lowercase()
+        )
+    };
     api.apply_ok(
         &HOST,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: cert-manager-namespace-admin}\nrules:\n- apiGroups: [cert-manager.io]\n  resources: [certificates, issuers, certificaterequests]\n  verbs: ['*']\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: dev-admin, namespace: team-a}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: admin}\nsubjects: [{kind: ServiceAccount, name: dev, namespace: team-a}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: dev-certs, namespace: team-a}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cert-manager-namespace-admin}\nsubjects: [{kind: ServiceAccount, name: dev, namespace: team-a}]\n",
+        &[
+            crd("Certificate", "certificates", "Namespaced"),
+            crd("CertificateRequest", "certificaterequests", "Namespaced"),
+            crd("Issuer", "issuers", "Namespaced"),
+            crd("ClusterIssuer", "clusterissuers", "Cluster"),
+        ]
+        .concat(),
+    );
+    wait_for(
+        "cert-manager's kinds to be served",
+        Duration::from_secs(30),
+        || {
+            api.kubectl(&HOST, &["get", "certificates", "-A"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    api.apply_ok(
+        &HOST,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: cert-manager-namespace-admin}\nrules:\n- apiGroups: [cert-manager.io]\n  resources: [certificates, issuers, certificaterequests]\n  verbs: ['*']\n- apiGroups: ['']\n  resources: [secrets, pods, configmaps, serviceaccounts]\n  verbs: ['*']\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: dev-certs, namespace: team-a}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cert-manager-namespace-admin}\nsubjects: [{kind: ServiceAccount, name: dev, namespace: team-a}]\n",
     );
     let tenant = "system:serviceaccount:team-a:dev";
     // The tenant really is an admin of its namespace...
@@ -695,9 +723,10 @@ fn a_tenant_cannot_obtain_an_agent_or_gateway_certificate_from_the_chart_ca() {
         ("create", "issuers.cert-manager.io"),
         ("get", "secrets"),
     ] {
-        assert!(
-            can_i(&api, tenant, verb, what, "team-a"),
-            "{verb} {what} in team-a"
+        wait_for(
+            &format!("the tenant may {verb} {what} in team-a (RBAC cache)"),
+            Duration::from_secs(20),
+            || can_i(&api, tenant, verb, what, "team-a").then_some(()),
         );
     }
     // ...and nothing more where the CA lives.

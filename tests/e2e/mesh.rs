@@ -6,7 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use llm_egress_tests::{process::wait_for, topology::*};
+use llm_egress_tests::{
+    process::{wait_for, Place},
+    topology::*,
+};
 
 fn seed_policy() -> String {
     std::fs::read_to_string(llm_egress_tests::gateway_lab::examples_dir().join("authpolicy.yaml")).unwrap()
@@ -382,4 +385,82 @@ fn an_ipv6_connection_is_tunnelled_too() {
     let conn = lab.last_connection();
     assert_eq!(conn["originalDestination"], format!("[{LLM_V6}]:80"));
     assert_eq!(lab.provider_requests().last().unwrap()["authorized"], true);
+}
+
+/// One pod opening captured connections in a loop, up to its cap and past
+/// it, does not stop another pod's request on the same node: the agent
+/// closes the greedy pod's connections beyond `--max-connections-per-workload`
+/// and counts them.
+#[test]
+fn a_pod_at_its_connection_cap_does_not_starve_another_pod() {
+    let mut lab = CaptureLab::new();
+    lab.write_workloads(&[
+        ("default", "sleep", "sleep", "pod-sleep"),
+        ("default", "greedy", "greedy", "pod-other"),
+    ]);
+    lab.agent_extra = vec!["--max-connections-per-workload".into(), "8".into()];
+    lab.start_mesh();
+    seed_until(&lab, &lab.sleep_cgroup, completion);
+    // Each connection starts a request and holds it open.
+    let script = format!(
+        "trap '' PIPE; for i in $(seq 1 40); do exec {{fd}}<>/dev/tcp/{LLM_V4}/80 && printf 'POST / HTTP/1.1\\r\\nHost: {SEED_HOST}\\r\\n' >&$fd; echo opened $i; done; sleep 60"
+    );
+    let mut greedy = llm_egress_tests::process::Daemon::start(
+        "greedy",
+        &Place {
+            netns: Some(&lab.pod),
+            cgroup: Some(&lab.other_cgroup),
+        },
+        std::path::Path::new("/bin/bash"),
+        &["-c".to_string(), script],
+        lab.workdir.path(),
+    );
+    wait_for("the greedy pod to pass its cap", Duration::from_secs(30), || {
+        greedy.assert_running();
+        (lab.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("llm_egress_agent_rejected_connections_total{reason=\"workload_limit\"} ")
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            >= 30)
+            .then_some(())
+    });
+    // Meanwhile the other pod's request goes through.
+    let (code, out, err) = lab.seed_curl(&lab.sleep_cgroup, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(completion(&out), "{out}");
+    assert!(
+        lab.agent_logs().contains("--max-connections-per-workload"),
+        "the limit was not logged"
+    );
+    greedy.stop();
+}
+
+/// The agent checks the gateway's SPIFFE ID, not only its DNS name: a
+/// certificate of the same CA for the same name but another identity (as
+/// anyone who can get one issued could present) gets no traffic.
+#[test]
+fn the_agent_refuses_a_gateway_with_another_identity() {
+    let mut lab = CaptureLab::new();
+    lab.start_mesh();
+    assert!(completion(&lab.seed_curl(&lab.sleep_cgroup, &[]).1));
+    lab.stop_agent();
+    lab.agent_extra = vec![
+        "--gateway-identity".into(),
+        "spiffe://cluster.local/ns/istio-system/sa/someone-else".into(),
+    ];
+    lab.start_agent();
+    let before = lab.provider_requests().len();
+    let (code, _, _) = lab.seed_curl(&lab.sleep_cgroup, &[]);
+    assert_ne!(
+        code,
+        Some(0),
+        "the agent tunnelled to a gateway it should not trust"
+    );
+    assert_eq!(lab.provider_requests().len(), before);
+    wait_for("the refusal in the agent log", Duration::from_secs(10), || {
+        lab.agent_logs().contains("not the expected").then_some(())
+    });
 }
