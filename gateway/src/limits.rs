@@ -50,19 +50,27 @@ pub enum BodyError {
     TooLarge(usize),
     #[error("the request body stalled for {0:?}; send it without pauses")]
     Stalled(Duration),
+    #[error("the request body took longer than {0:?}")]
+    TooSlow(Duration),
     #[error("could not read the request body")]
     Read,
 }
 
+/// Longest a whole request body may take, however steadily it trickles.
+pub const BODY_TOTAL: Duration = Duration::from_secs(120);
+
 /// Reads a whole request body of at most `max` bytes, allowing at most
-/// `idle` between two of its frames.
+/// `idle` between two of its frames and `BODY_TOTAL` in all.
 pub async fn read_body<B>(mut body: B, max: usize, idle: Duration) -> Result<Bytes, BodyError>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
     let mut out = BytesMut::new();
+    let end = tokio::time::Instant::now() + BODY_TOTAL;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let wait = idle.min(end.saturating_duration_since(tokio::time::Instant::now()));
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) if wait < idle => return Err(BodyError::TooSlow(BODY_TOTAL)),
             Err(_) => return Err(BodyError::Stalled(idle)),
             Ok(None) => return Ok(out.freeze()),
             Ok(Some(Err(_))) => return Err(BodyError::Read),

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::{
     limits::{self, IdleTimeout, MAX_HEADERS, MAX_REQUEST_HEAD},
     metrics::TunnelLabels,
-    node_auth::{AgentPeer, NodeAuth},
+    node_auth::{AgentPeer, NodeAuth, NodeAuthError},
     passthrough,
     pipeline::{Gateway, Source},
     sniff::{sniff, Prefixed, Sniffed},
@@ -135,9 +135,20 @@ async fn admit_stream(
     }
     let who = match WorkloadIdentity::from_headers(headers) {
         Ok(Some(w)) => w,
-        Ok(None) => {
+        // An agent carries workloads' connections; with node binding on, a
+        // stream that names none is not the agent's to make.
+        Ok(None) if matches!(node_auth, NodeAuth::Off) => {
             count("accepted");
             return Ok(source_of(&agent.id, "tunnel", dest_port));
+        }
+        Ok(None) => {
+            tracing::warn!(agent = %agent.id, "agent stream without a workload identity refused");
+            count("node_refused");
+            let e = NodeAuthError::NoIdentity;
+            return Err(Refusal {
+                status: e.status(),
+                reason: e.to_string(),
+            });
         }
         Err(e) => {
             tracing::warn!(agent = %agent.id, error = %e, "tunnel stream with invalid identity headers refused");

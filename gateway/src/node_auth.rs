@@ -33,7 +33,7 @@ use kube::{
 };
 use llm_egress_mesh::{
     identity::SpiffeId,
-    kube_watch::{spawn_reflector, Watched},
+    kube_watch::{spawn_reflector_trimmed, Watched},
     tunnel::WorkloadIdentity,
 };
 
@@ -44,6 +44,13 @@ const REVIEW_CACHE_MAX: usize = 4096;
 /// The extra fields the API server puts in a bound token's user info.
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+/// Set on pods a kubelet created from its own manifests.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+/// Token reviews in flight at once: a node sending garbage tokens must not
+/// flood the API server.
+const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+/// How long a refused token stays refused without a new review.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NodeAuthError {
@@ -75,6 +82,17 @@ pub enum NodeAuthError {
         actual: String,
         asserted: String,
     },
+    #[error("pod {pod} is {why}: it cannot be asserted")]
+    NotAWorkload { pod: String, why: &'static str },
+    #[error("{asserted} is not the workload identity of {namespace}/{service_account} in trust domain {trust_domain}")]
+    NotCanonical {
+        asserted: String,
+        namespace: String,
+        service_account: String,
+        trust_domain: String,
+    },
+    #[error("an agent stream must name the workload it carries")]
+    NoIdentity,
     #[error("cannot review the node token now: {0}")]
     Unavailable(String),
 }
@@ -112,6 +130,18 @@ impl NodeAuth {
         who: &WorkloadIdentity,
         token: Option<&str>,
     ) -> Result<Option<String>, NodeAuthError> {
+        // Only the identity the mesh issues for (namespace, service
+        // account) in the agent's own trust domain: no extra path segments
+        // or foreign trust domains that a suffix pattern could match.
+        let canonical = SpiffeId::workload(agent.id.trust_domain(), &who.namespace, &who.service_account);
+        if !matches!(self, NodeAuth::Off) && who.spiffe != canonical {
+            return Err(NodeAuthError::NotCanonical {
+                asserted: who.spiffe.to_string(),
+                namespace: who.namespace.clone(),
+                service_account: who.service_account.clone(),
+                trust_domain: agent.id.trust_domain().to_string(),
+            });
+        }
         match self {
             NodeAuth::Off => Ok(None),
             NodeAuth::Static(s) => {
@@ -206,29 +236,56 @@ struct Reviewed {
     at: Instant,
 }
 
+/// Keeps what node binding reads of a Pod: uid, mirror annotation, node,
+/// service account and phase.
+fn trim_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.annotations = meta
+        .annotations
+        .take()
+        .map(|a| a.into_iter().filter(|(k, _)| k == MIRROR_ANNOTATION).collect());
+    pod.spec = pod.spec.take().map(|s| k8s_openapi::api::core::v1::PodSpec {
+        node_name: s.node_name,
+        service_account_name: s.service_account_name,
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|s| k8s_openapi::api::core::v1::PodStatus {
+        phase: s.phase,
+        ..Default::default()
+    });
+}
+
 pub struct KubeNodes {
     client: Client,
     pods: Watched<Pod>,
     audience: String,
     reviews: Mutex<HashMap<String, Arc<Reviewed>>>,
+    refused: Mutex<HashMap<String, (NodeAuthError, Instant)>>,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl KubeNodes {
     /// Watches every Pod (the index) and reviews tokens for `audience`.
     pub fn start(client: Client, audience: String) -> Arc<KubeNodes> {
         let (changed, _) = tokio::sync::watch::channel(0u64);
-        let pods = spawn_reflector(
+        let pods = spawn_reflector_trimmed(
             "pods (node binding)".into(),
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
             (),
             changed,
+            trim_pod,
         );
         Arc::new(KubeNodes {
             client,
             pods,
             audience,
             reviews: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
         })
     }
 
@@ -241,6 +298,30 @@ impl KubeNodes {
     }
 
     async fn review(&self, token: &str) -> Result<Arc<Reviewed>, NodeAuthError> {
+        if let Some((e, _)) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .filter(|(_, at)| at.elapsed() < NEGATIVE_TTL)
+        {
+            return Err(e.clone());
+        }
+        let result = self.review_uncached(token).await;
+        if let Err(e @ (NodeAuthError::BadToken(_) | NodeAuthError::WrongTokenOwner { .. })) = &result {
+            let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused.len() >= REVIEW_CACHE_MAX {
+                refused.retain(|_, (_, at)| at.elapsed() < NEGATIVE_TTL);
+                if refused.len() >= REVIEW_CACHE_MAX {
+                    refused.clear();
+                }
+            }
+            refused.insert(token.to_string(), (e.clone(), Instant::now()));
+        }
+        result
+    }
+
+    async fn review_uncached(&self, token: &str) -> Result<Arc<Reviewed>, NodeAuthError> {
         if let Some(r) = self
             .reviews
             .lock()
@@ -257,6 +338,10 @@ impl KubeNodes {
             },
             ..Default::default()
         };
+        let _permit = tokio::time::timeout(Duration::from_secs(5), self.in_flight.acquire())
+            .await
+            .map_err(|_| NodeAuthError::Unavailable("too many token reviews in flight".into()))?
+            .map_err(|_| NodeAuthError::Unavailable("shutting down".into()))?;
         let answer = tokio::time::timeout(
             Duration::from_secs(5),
             Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review),
@@ -269,6 +354,17 @@ impl KubeNodes {
             return Err(NodeAuthError::BadToken(
                 status.error.unwrap_or_else(|| "not authenticated".into()),
             ));
+        }
+        // The API server names the audiences it validated; ours must be one.
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| *x == self.audience))
+        {
+            return Err(NodeAuthError::BadToken(format!(
+                "not issued for the audience {}",
+                self.audience
+            )));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
@@ -350,9 +446,35 @@ impl KubeNodes {
                 agent_node: node.into(),
             });
         }
+        // A pod without a service account (a mirror pod a node created for
+        // itself) or one that has finished speaks for no one.
+        let mirror = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("Pending");
+        if mirror || matches!(phase, "Succeeded" | "Failed") {
+            return Err(NodeAuthError::NotAWorkload {
+                pod: id,
+                why: if mirror {
+                    "a mirror (static) pod"
+                } else {
+                    "finished"
+                },
+            });
+        }
         let sa = spec
             .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| NodeAuthError::NotAWorkload {
+                pod: id.clone(),
+                why: "without a service account",
+            })?;
         if sa != who.service_account {
             return Err(NodeAuthError::WrongServiceAccount {
                 pod: id,

@@ -214,7 +214,7 @@ impl Gateway {
             Err(e) => {
                 let (code, reason) = match e {
                     BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
-                    BodyError::Stalled(_) => {
+                    BodyError::Stalled(_) | BodyError::TooSlow(_) => {
                         self.metrics.client_timeout("body");
                         (StatusCode::REQUEST_TIMEOUT, "body stalled")
                     }

@@ -20,13 +20,21 @@ pub enum AdaptError {
 
 /// Headers never forwarded upstream: every credential a client may send
 /// (replaced by the provider key), identity metadata, and hop-by-hop headers.
-const DROPPED: [&str; 15] = [
+const DROPPED: [&str; 22] = [
     "authorization",
     "proxy-authorization",
     "x-api-key",
     "api-key",
     "x-goog-api-key",
     "x-forwarded-client-cert",
+    // They choose which account the gateway's key acts in.
+    "openai-organization",
+    "openai-project",
+    "x-dashscope-workspace",
+    "anthropic-organization",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
     "host",
     "connection",
     "keep-alive",
@@ -76,10 +84,18 @@ pub fn adapt_headers(
     p: &Provider,
     body_len: usize,
 ) -> Result<HeaderMap, header::InvalidHeaderValue> {
+    // Headers the client nominates as hop-by-hop go too.
+    let nominated: Vec<String> = client
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
     let mut out = HeaderMap::new();
     for (name, value) in client {
         let n = name.as_str();
-        if DROPPED.contains(&n) || n.starts_with("x-llm-egress-") {
+        if DROPPED.contains(&n) || n.starts_with("x-llm-egress-") || nominated.iter().any(|t| t == n) {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -150,7 +166,7 @@ mod tests {
         );
         h.insert("host", "dashscope.aliyuncs.com".parse().unwrap());
         h.insert("x-request-id", "abc".parse().unwrap());
-        h.insert("connection", "keep-alive".parse().unwrap());
+        h.insert("connection", "keep-alive, X-Hop".parse().unwrap());
         for (name, value) in [
             ("x-api-key", "sk-client-x"),
             ("api-key", "sk-client-azure"),
@@ -161,6 +177,10 @@ mod tests {
                 "By=spiffe://x;URI=spiffe://cluster.local/ns/a/sa/b",
             ),
             ("x-llm-egress-node", "node-9"),
+            ("openai-organization", "org-attacker"),
+            ("openai-project", "proj-attacker"),
+            ("x-dashscope-workspace", "ws-attacker"),
+            ("x-hop", "sk-client-hop"),
         ] {
             h.insert(HeaderName::from_static(name), value.parse().unwrap());
         }
@@ -172,6 +192,10 @@ mod tests {
             "proxy-authorization",
             "x-forwarded-client-cert",
             "x-llm-egress-node",
+            "openai-organization",
+            "openai-project",
+            "x-dashscope-workspace",
+            "x-hop",
         ] {
             assert!(out.get(name).is_none(), "{name} reached the provider");
         }

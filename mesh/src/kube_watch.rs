@@ -9,7 +9,7 @@
 //! where the caller asks (the gateway), written to the object's status.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Debug,
     path::PathBuf,
     sync::{
@@ -173,13 +173,30 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    spawn_reflector_trimmed(what, api, config, dyntype, changed, |_| {})
+}
+
+/// `spawn_reflector`, keeping only what `trim` leaves of each object (an
+/// index of every Pod must not hold every Pod's full spec).
+pub fn spawn_reflector_trimmed<K>(
+    what: String,
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    changed: watch::Sender<u64>,
+    trim: impl FnMut(&mut K) + Send + 'static,
+) -> Watched<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let writer = Writer::new(dyntype);
     let store = writer.as_reader();
     let synced = Arc::new(AtomicBool::new(false));
     let last_error = Arc::new(Mutex::new(None));
     let (synced2, last_error2, what2) = (synced.clone(), last_error.clone(), what.clone());
     tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+        let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
             match item {
@@ -245,7 +262,7 @@ pub struct KubeResources {
     /// Status last written per object: (generation, message).
     reported: Mutex<HashMap<String, (i64, String)>>,
     /// Scoping verdicts of the last `load`, logged when they change.
-    scoped_out: Mutex<Vec<String>>,
+    scoped_out: Mutex<HashSet<String>>,
 }
 
 /// The condition written to an object's status.
@@ -311,7 +328,7 @@ impl KubeResources {
             last_good: Mutex::new(HashMap::new()),
             verdicts: Mutex::new(Vec::new()),
             reported: Mutex::new(HashMap::new()),
-            scoped_out: Mutex::new(Vec::new()),
+            scoped_out: Mutex::new(HashSet::new()),
         })
     }
 
@@ -453,16 +470,18 @@ impl KubeResources {
         // whole set, every time; an object it removes is not accepted.
         let scoped = scope::admit(&mut set, scope);
         let mut logged = self.scoped_out.lock().unwrap_or_else(|p| p.into_inner());
-        let now: Vec<String> = scoped.iter().map(|p| p.to_string()).collect();
+        let index: HashMap<String, usize> = verdicts
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{} {}/{}", v.kind.kind, v.namespace, v.name), i))
+            .collect();
+        let now: HashSet<String> = scoped.iter().map(|p| p.to_string()).collect();
         for p in &scoped {
             if !logged.contains(&p.to_string()) {
                 tracing::warn!(problem = %p, "resource not accepted");
             }
-            if let Some(v) = verdicts
-                .iter_mut()
-                .find(|v| Some(format!("{} {}/{}", v.kind.kind, v.namespace, v.name)) == p.resource)
-            {
-                v.problems.push(short_problem(p));
+            if let Some(&i) = p.resource.as_ref().and_then(|r| index.get(r)) {
+                verdicts[i].problems.push(short_problem(p));
             }
         }
         *logged = now;

@@ -73,13 +73,25 @@ fn precedence<T>(scope: &Scope, r: &Named<T>) -> (bool, Option<String>, String, 
     )
 }
 
-/// Whether a rule of the route is the capture side (gateway `mesh`).
-fn rule_is_mesh(spec: &LlmRouteSpec, matches_gateways: &[String]) -> bool {
-    let route_mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH_GATEWAY);
-    if matches_gateways.is_empty() {
-        return route_mesh && spec.gateways.iter().all(|g| g == MESH_GATEWAY);
+/// Whether a rule of the route applies only on the capture side (gateway
+/// `mesh`): every gateway it applies to (its matches', else the route's,
+/// else `mesh`) is `mesh`.
+fn rule_is_mesh(spec: &LlmRouteSpec, rule: &crate::resources::LlmRouteRule) -> bool {
+    let route_gateways: Vec<&str> = if spec.gateways.is_empty() {
+        vec![MESH_GATEWAY]
+    } else {
+        spec.gateways.iter().map(String::as_str).collect()
+    };
+    if rule.matches.is_empty() {
+        return route_gateways.iter().all(|g| *g == MESH_GATEWAY);
     }
-    matches_gateways.iter().any(|g| g == MESH_GATEWAY)
+    rule.matches.iter().all(|m| {
+        if m.gateways.is_empty() {
+            route_gateways.iter().all(|g| *g == MESH_GATEWAY)
+        } else {
+            m.gateways.iter().all(|g| g == MESH_GATEWAY)
+        }
+    })
 }
 
 /// Removes what `scope` does not allow from `set` and returns why, one
@@ -161,8 +173,7 @@ pub fn admit(set: &mut ResourceSet, scope: &Scope) -> Vec<Problem> {
                 continue;
             }
             let foreign = r.spec.rules.iter().enumerate().find_map(|(i, rule)| {
-                let gws: Vec<String> = rule.matches.iter().flat_map(|m| m.gateways.clone()).collect();
-                if rule_is_mesh(&r.spec, &gws) {
+                if rule_is_mesh(&r.spec, rule) {
                     return None;
                 }
                 rule.backend_refs.iter().enumerate().find_map(|(j, b)| {
@@ -281,6 +292,18 @@ mod tests {
         assert!(
             fields.contains(&"spec.rules[1].backendRefs[0].providerHost".to_string()),
             "{fields:?}"
+        );
+    }
+
+    #[test]
+    fn a_rule_for_mesh_and_the_gateway_is_checked_like_a_gateway_rule() {
+        let p = provider("istio-system", "real", "dashscope.aliyuncs.com");
+        let sneaky = "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: sneaky, namespace: team-a}\nspec:\n  host: dashscope.aliyuncs.com\n  gateways: [mesh, istio-system/egress-gw]\n  rules:\n  - matches: [{gateways: [mesh, istio-system/egress-gw]}]\n    backendRefs: [{providerHost: attacker.example}]\n---\n";
+        let (set, problems) = admitted(&format!("{p}{sneaky}"));
+        assert!(set.routes.is_empty());
+        assert_eq!(
+            problems[0].field.as_deref(),
+            Some("spec.rules[0].backendRefs[0].providerHost")
         );
     }
 

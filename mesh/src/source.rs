@@ -44,10 +44,10 @@ impl ResourceSource {
     pub fn load(&self, scope: &Scope) -> Result<(ResourceSet, Vec<Problem>), Vec<Problem>> {
         match self {
             ResourceSource::Dir(dir) => {
+                // Scoped even when some file has errors: whoever reads only
+                // part of the set (the agent reads routes) must not see
+                // what the scope refuses.
                 let (mut set, mut problems) = ResourceSet::load_dir_checked(dir)?;
-                if problems.iter().any(|p| p.severity == Severity::Error) {
-                    return Ok((set, problems));
-                }
                 problems.extend(admit(&mut set, scope).into_iter().map(|mut p| {
                     p.severity = Severity::Warning;
                     p.message = format!("not accepted: {}", p.message);

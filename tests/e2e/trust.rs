@@ -326,6 +326,32 @@ async fn an_agent_speaks_only_for_pods_of_its_own_node() {
             "{what}: {r:?}"
         );
     }
+    // Only the canonical identity of a pod of the node: not one with extra
+    // path segments or another trust domain that a pattern could match.
+    for bogus in [
+        "spiffe://cluster.local/ns/team-a/sa/sleep/ns/kube-system",
+        "spiffe://evil.example/ns/team-a/sa/sleep",
+    ] {
+        let mut w = who("team-a", "sleep", "sleep-a");
+        w.spiffe = SpiffeId::parse(bogus).unwrap();
+        let r = call(&node_a, w).await;
+        assert!(
+            matches!(r, Err(TunnelError::Refused(StatusCode::FORBIDDEN, ref m)) if m.contains("not the workload identity")),
+            "{bogus}: {r:?}"
+        );
+    }
+    // A mirror pod the node made for itself (no service account) names no one.
+    api.apply_ok(
+        &HOST,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mirror\n  namespace: team-a\n  annotations: {kubernetes.io/config.mirror: x}\nspec:\n  nodeName: node-a\n  containers: [{name: app, image: sleep}]\n",
+    );
+    for sa in ["default", "sleep"] {
+        let r = call(&node_a, who("team-a", sa, "mirror")).await;
+        assert!(
+            matches!(r, Err(TunnelError::Refused(StatusCode::FORBIDDEN, _))),
+            "mirror pod as {sa}: {r:?}"
+        );
+    }
     let tokenless = lab.tunnel_client("agent");
     let r = call(&tokenless, who("team-a", "sleep", "sleep-a")).await;
     assert!(
@@ -345,7 +371,7 @@ async fn an_agent_speaks_only_for_pods_of_its_own_node() {
     assert!(
         lab.metric("llm_egress_gateway_tunnel_streams_total{peer=\"agent\",outcome=\"node_refused\"}")
             .await
-            >= 5.0
+            >= 9.0
     );
 
     // sleep-b is rescheduled to node-a: node-a may now speak for it, no restart.
@@ -578,4 +604,34 @@ async fn open_silent_streams(
         }
     }
     streams
+}
+
+/// Static mode: the agent certificate names its node (`--agent-node`), and
+/// `--node-workloads` says which workloads that node may assert.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_kubernetes_a_node_asserts_only_its_mapped_workloads() {
+    let mut lab = GatewayLab::new();
+    std::fs::write(
+        lab.certs().join("node-workloads.yaml"),
+        format!("nodes:\n  {LAB_NODE}: [default/*]\n  node-2: ['*']\n"),
+    )
+    .unwrap();
+    lab.restart_gateway();
+    wait_seed(&lab, StatusCode::OK, "default/sleep from node-1").await;
+    let client = lab.tunnel_client("agent");
+    let r = client
+        .connect(&format!("{}:80", lab.ip), &identity("kube-system", "admin"))
+        .await;
+    match r {
+        Err(TunnelError::Refused(code, reason)) => {
+            assert_eq!(code, StatusCode::FORBIDDEN);
+            assert!(
+                reason.contains("node-1") && reason.contains("kube-system/admin"),
+                "{reason}"
+            );
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("node-1 spoke for kube-system/admin"),
+    }
+    assert!(lab.gateway_logs().contains("may not speak for"));
 }
