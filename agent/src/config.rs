@@ -577,12 +577,24 @@ mode: direct
         let cfg = Config::resolve(parse(text).unwrap(), Overrides::default()).unwrap();
         assert_eq!(cfg.mode, Mode::Tunnel);
         assert_eq!(cfg.resources, Some(PathBuf::from("deploy/examples")));
-        assert!(cfg
-            .tunnel
-            .unwrap()
+        assert_eq!(cfg.trusted_namespaces, ["istio-system"]);
+        let tunnel = cfg.tunnel.unwrap();
+        assert!(tunnel
             .gateways
             .contains_key("istio-egressgateway.istio-system.svc.cluster.local"));
+        assert_eq!(
+            tunnel.gateway_identity.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway-service-account"
+        );
         assert_eq!(cfg.ports, [80, 443]);
+    }
+
+    #[test]
+    fn a_bad_gateway_identity_is_a_configuration_error() {
+        let text = include_str!("../../deploy/agent/agent.yaml")
+            .replace("gatewayIdentity: spiffe://", "gatewayIdentity: https://");
+        let err = Config::resolve(parse(&text).unwrap(), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("tls.gatewayIdentity"), "{err}");
     }
 
     #[test]

@@ -281,21 +281,7 @@ async fn gateway_follows_resources_and_key_secret_from_the_api_and_reports_bad_o
     install_basics(&api, &HOST, &lax_crds());
     let mut lab = GatewayLab::with_kubernetes(api.kubeconfig(User::Gateway));
     // Not ready without resources and key; then the seed's resources and the Secret.
-    for f in SEED_FILES {
-        api.apply_ok(&HOST, &std::fs::read_to_string(examples_dir().join(f)).unwrap());
-    }
-    api.kubectl_ok(
-        &HOST,
-        &[
-            "-n",
-            "istio-system",
-            "create",
-            "secret",
-            "generic",
-            "llm-egress-provider-keys",
-            &format!("--from-literal=API_KEY={}", lab.api_key),
-        ],
-    );
+    api.apply_seed_with_key(&HOST, &lab.api_key);
     let body = wait_status(
         &lab,
         StatusCode::OK,

@@ -112,21 +112,7 @@ async fn tenant_resources_never_get_a_key_nor_take_a_host() {
             .extend(["--resolve".into(), format!("{h}={attacker_ip}")]);
     }
     lab.restart_gateway();
-    for f in SEED_FILES {
-        api.apply_ok(&HOST, &std::fs::read_to_string(examples_dir().join(f)).unwrap());
-    }
-    api.kubectl_ok(
-        &HOST,
-        &[
-            "-n",
-            "istio-system",
-            "create",
-            "secret",
-            "generic",
-            "llm-egress-provider-keys",
-            &format!("--from-literal=API_KEY={}", lab.api_key),
-        ],
-    );
+    api.apply_seed_with_key(&HOST, &lab.api_key);
     wait_seed(&lab, StatusCode::OK, "the seed").await;
 
     api.apply_ok(
@@ -242,21 +228,7 @@ async fn an_agent_speaks_only_for_pods_of_its_own_node() {
     let mut lab = GatewayLab::with_kubernetes(api.kubeconfig(User::Gateway));
     lab.kube_node_auth = "kubernetes";
     lab.restart_gateway();
-    for f in SEED_FILES {
-        api.apply_ok(&HOST, &std::fs::read_to_string(examples_dir().join(f)).unwrap());
-    }
-    api.kubectl_ok(
-        &HOST,
-        &[
-            "-n",
-            "istio-system",
-            "create",
-            "secret",
-            "generic",
-            "llm-egress-provider-keys",
-            &format!("--from-literal=API_KEY={}", lab.api_key),
-        ],
-    );
+    api.apply_seed_with_key(&HOST, &lab.api_key);
     // Each agent's projected token, as the kubelet would mount it.
     let token_file = |agent_pod: &str| {
         let token = api.kubectl_ok(
@@ -340,16 +312,29 @@ async fn an_agent_speaks_only_for_pods_of_its_own_node() {
             "{bogus}: {r:?}"
         );
     }
-    // A mirror pod the node made for itself (no service account) names no one.
+    // A mirror pod the node made for itself, and a pod without a service
+    // account, name no one (whatever the lab's API server lets them claim).
     api.apply_ok(
         &HOST,
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mirror\n  namespace: team-a\n  annotations: {kubernetes.io/config.mirror: x}\nspec:\n  nodeName: node-a\n  containers: [{name: app, image: sleep}]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mirror\n  namespace: team-a\n  annotations: {kubernetes.io/config.mirror: x}\nspec:\n  nodeName: node-a\n  serviceAccountName: sleep\n  containers: [{name: app, image: sleep}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: no-sa, namespace: team-a}\nspec:\n  nodeName: node-a\n  containers: [{name: app, image: sleep}]\n",
     );
-    for sa in ["default", "sleep"] {
-        let r = call(&node_a, who("team-a", sa, "mirror")).await;
+    for (sa, pod) in [("sleep", "mirror"), ("default", "no-sa")] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let r = loop {
+            let r = call(&node_a, who("team-a", sa, pod)).await;
+            // Until the index has the pod it is refused as unknown.
+            match &r {
+                Err(TunnelError::Refused(_, m))
+                    if m.contains("does not exist") && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                _ => break r,
+            }
+        };
         assert!(
-            matches!(r, Err(TunnelError::Refused(StatusCode::FORBIDDEN, _))),
-            "mirror pod as {sa}: {r:?}"
+            matches!(r, Err(TunnelError::Refused(StatusCode::FORBIDDEN, ref m)) if m.contains("cannot be asserted")),
+            "{pod} as {sa}: {r:?}"
         );
     }
     let tokenless = lab.tunnel_client("agent");

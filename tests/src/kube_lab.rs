@@ -272,6 +272,29 @@ impl ApiServer {
         )
     }
 
+    /// The seed's Gateway, LLMProvider and LLMRoute, and the provider-keys
+    /// Secret holding `key` as `API_KEY`, as a user installs them.
+    pub fn apply_seed_with_key(&self, place: &Place, key: &str) {
+        for f in crate::gateway_lab::SEED_FILES {
+            self.apply_ok(
+                place,
+                &std::fs::read_to_string(crate::gateway_lab::examples_dir().join(f)).expect("seed file"),
+            );
+        }
+        self.kubectl_ok(
+            place,
+            &[
+                "-n",
+                "istio-system",
+                "create",
+                "secret",
+                "generic",
+                "llm-egress-provider-keys",
+                &format!("--from-literal=API_KEY={key}"),
+            ],
+        );
+    }
+
     pub fn apply_ok(&self, place: &Place, yaml: &str) {
         let out = self.apply(place, yaml);
         assert!(
