@@ -359,7 +359,7 @@ impl KubeNodes {
         if !status
             .audiences
             .as_ref()
-            .is_some_and(|a| a.iter().any(|x| *x == self.audience))
+            .is_some_and(|a| a.contains(&self.audience))
         {
             return Err(NodeAuthError::BadToken(format!(
                 "not issued for the audience {}",
