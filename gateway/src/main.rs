@@ -11,6 +11,7 @@ const FUZZ_ITERATIONS: usize = 2000;
 mod admin;
 mod authz;
 mod config;
+mod endpoint;
 mod jwt;
 mod limits;
 mod listener;

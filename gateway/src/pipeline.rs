@@ -11,6 +11,7 @@ use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use crate::{
     authz::{self, Attributes, Decision},
     config::ConfigSource,
+    endpoint::{self, BodyKind, EndpointError},
     jwt,
     limits::{self, BodyError, ClientDeadlines},
     metrics::{DurationLabels, Metrics, RequestLabels, TokenLabels, UpstreamErrorLabels},
@@ -57,6 +58,20 @@ fn local(status: StatusCode, text: &str) -> Response<Body> {
         })
 }
 
+/// An error answer in OpenAI's shape, which SDKs parse and show.
+fn openai_error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
+    let text =
+        serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}}).to_string();
+    let body = Full::new(Bytes::from(text))
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap_or_else(|_| local(status, message))
+}
+
 /// One access-log record; written once per request.
 struct Access<'a> {
     source: &'a Source,
@@ -65,6 +80,8 @@ struct Access<'a> {
     path: &'a str,
     provider: &'a str,
     model: &'a str,
+    /// `gen_ai.operation.name`, once the endpoint is known.
+    operation: &'a str,
 }
 
 impl Gateway {
@@ -107,6 +124,7 @@ impl Gateway {
             method = %a.method,
             host = a.host,
             path = a.path,
+            operation = a.operation,
             provider = a.provider,
             model = a.model,
             status = code.as_u16(),
@@ -141,6 +159,7 @@ impl Gateway {
             path: &path,
             provider: "-",
             model: "-",
+            operation: "-",
         };
         let fail = |this: &Gateway, access: &Access, code: StatusCode, text: &str, reason: &str| {
             this.record(access, code, started, None, reason);
@@ -197,47 +216,60 @@ impl Gateway {
             }
         };
         access.provider = &provider.name;
-        if parts.method != Method::POST {
-            return fail(
-                &self,
-                &access,
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!(
-                    "{} is not supported: LLM requests are POSTed JSON to {}\n",
-                    parts.method, provider.path
-                ),
-                "method",
-            );
-        }
-        let body = match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
-            Ok(b) => b,
+        let endpoint = match endpoint::resolve(&parts.method, &path, parts.uri.query(), &provider.path) {
+            Ok(e) => e,
             Err(e) => {
                 let (code, reason) = match e {
-                    BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
-                    BodyError::Stalled(_) | BodyError::TooSlow(_) => {
-                        self.metrics.client_timeout("body");
-                        (StatusCode::REQUEST_TIMEOUT, "body stalled")
-                    }
-                    BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
+                    EndpointError::Unknown { .. } => (StatusCode::NOT_FOUND, "unknown endpoint"),
+                    EndpointError::Method { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method"),
                 };
-                return fail(&self, &access, code, &format!("{e}\n"), reason);
+                self.record(&access, code, started, None, reason);
+                return Ok(openai_error(code, &e.to_string(), "invalid_request_error"));
             }
         };
-        let (body, model, _stream) = match provider::adapt_body(&body, provider) {
-            Ok(x) => x,
-            Err(e) => {
-                return fail(
-                    &self,
-                    &access,
-                    StatusCode::BAD_REQUEST,
-                    &format!("{e}\n"),
-                    "bad body",
-                )
+        access.operation = endpoint.operation.name();
+        // JSON bodies are read (bounded, with deadlines) and adapted; other
+        // bodies go as they came, still bounded.
+        let body = match endpoint.body {
+            BodyKind::None => Bytes::new(),
+            BodyKind::Json | BodyKind::Opaque => {
+                match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let (code, reason) = match e {
+                            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+                            BodyError::Stalled(_) | BodyError::TooSlow(_) => {
+                                self.metrics.client_timeout("body");
+                                (StatusCode::REQUEST_TIMEOUT, "body stalled")
+                            }
+                            BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
+                        };
+                        return fail(&self, &access, code, &format!("{e}\n"), reason);
+                    }
+                }
             }
+        };
+        let (body, model, hide_usage_chunk, json_len) = match endpoint.body {
+            BodyKind::Json => match provider::adapt_body(&body, provider, &endpoint) {
+                Ok(a) => {
+                    let len = a.body.len();
+                    (a.body, a.model, a.hide_usage_chunk, Some(len))
+                }
+                Err(e) => {
+                    return fail(
+                        &self,
+                        &access,
+                        StatusCode::BAD_REQUEST,
+                        &format!("{e}\n"),
+                        "bad body",
+                    )
+                }
+            },
+            BodyKind::Opaque | BodyKind::None => (body, None, false, None),
         };
         let model = model.unwrap_or_else(|| "-".into());
         access.model = &model;
-        let uri = match provider::upstream_uri(provider) {
+        let uri = match provider::upstream_uri(provider, &endpoint.upstream_path) {
             Ok(u) => u,
             Err(_) => {
                 return fail(
@@ -249,7 +281,7 @@ impl Gateway {
                 )
             }
         };
-        let headers = match provider::adapt_headers(&parts.headers, provider, body.len()) {
+        let headers = match provider::adapt_headers(&parts.headers, provider, json_len) {
             Ok(h) => h,
             // Never echo the header: it would carry the key.
             Err(_) => {
@@ -263,7 +295,7 @@ impl Gateway {
             }
         };
         let mut up = Request::new(Full::new(body));
-        *up.method_mut() = Method::POST;
+        *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = headers;
 
@@ -312,6 +344,7 @@ impl Gateway {
             provider.name.clone(),
             model.clone(),
         );
+        let operation = endpoint.operation.name();
         let tapped = TappedBody::new(rbody, extractor, move |usage, finished| {
             let a = Access {
                 source: &src,
@@ -320,6 +353,7 @@ impl Gateway {
                 path: &path,
                 provider: &pname,
                 model: &model,
+                operation,
             };
             this.record(
                 &a,
@@ -329,6 +363,14 @@ impl Gateway {
                 if finished { "" } else { "client went away" },
             );
         });
+        // The usage chunk the gateway asked for is the client's only if it
+        // asked too; an error answer passes as it is.
+        let tapped = if hide_usage_chunk && code.is_success() {
+            rparts.headers.remove(header::CONTENT_LENGTH);
+            tapped.hiding_usage_chunk()
+        } else {
+            tapped
+        };
         Ok(Response::from_parts(rparts, tapped.boxed_unsync()))
     }
 }

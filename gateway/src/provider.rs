@@ -1,6 +1,7 @@
-//! Adapting a client's request to its provider: the provider's path, its
-//! model and stream defaults where the body has none, the gateway's key in
-//! place of whatever credentials the client sent.
+//! Adapting a client's request to its provider: the endpoint's path under
+//! the provider's base, its model and stream defaults where a chat body has
+//! none, usage asked for in streams, the gateway's key in place of whatever
+//! credentials the client sent.
 
 use bytes::Bytes;
 use hyper::{
@@ -8,7 +9,10 @@ use hyper::{
     Uri,
 };
 
-use crate::config::Provider;
+use crate::{
+    config::Provider,
+    endpoint::{Endpoint, Operation},
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdaptError {
@@ -46,43 +50,94 @@ const DROPPED: [&str; 22] = [
     "content-length",
 ];
 
-/// Fills `model` and `stream` from the provider when the body lacks them.
-/// Returns the new body and the effective model and stream flag.
-pub fn adapt_body(body: &[u8], p: &Provider) -> Result<(Bytes, Option<String>, bool), AdaptError> {
+/// A JSON request as it goes to the provider.
+#[derive(Debug, PartialEq)]
+pub struct Adapted {
+    pub body: Bytes,
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The gateway asked for the usage chunk the client did not: remove it
+    /// from what the client receives.
+    pub hide_usage_chunk: bool,
+}
+
+/// Adapts a JSON body for `endpoint`. Chat completions get the provider's
+/// `model` and `stream` where the body has none (ASM's defaults). A
+/// streamed chat or text completion always asks for usage
+/// (`stream_options.include_usage`), so that tokens are counted; when the
+/// client did not ask, `hide_usage_chunk` says so. Bodies that need no
+/// change go upstream byte for byte.
+pub fn adapt_body(body: &[u8], p: &Provider, endpoint: &Endpoint) -> Result<Adapted, AdaptError> {
     let mut v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| AdaptError::NotJson(e.to_string()))?;
     let obj = v.as_object_mut().ok_or(AdaptError::NotObject)?;
-    if !obj.contains_key("model") {
-        if let Some(m) = &p.model {
-            obj.insert("model".into(), m.clone().into());
+    let mut changed = false;
+    if endpoint.operation == Operation::Chat {
+        if !obj.contains_key("model") {
+            if let Some(m) = &p.model {
+                obj.insert("model".into(), m.clone().into());
+                changed = true;
+            }
         }
-    }
-    if !obj.contains_key("stream") {
-        if let Some(s) = p.stream {
-            obj.insert("stream".into(), s.into());
+        if !obj.contains_key("stream") {
+            if let Some(s) = p.stream {
+                obj.insert("stream".into(), s.into());
+                changed = true;
+            }
         }
     }
     let model = obj.get("model").and_then(|m| m.as_str()).map(str::to_string);
     let stream = obj.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
-    let bytes = serde_json::to_vec(&v).map_err(|e| AdaptError::NotJson(e.to_string()))?;
-    Ok((Bytes::from(bytes), model, stream))
+    let mut hide_usage_chunk = false;
+    if endpoint.streams_usage && stream {
+        let asked = obj
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(|u| u.as_bool())
+            == Some(true);
+        if !asked {
+            let options = obj
+                .entry("stream_options")
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !options.is_object() {
+                *options = serde_json::Value::Object(Default::default());
+            }
+            if let Some(o) = options.as_object_mut() {
+                o.insert("include_usage".into(), true.into());
+            }
+            hide_usage_chunk = true;
+            changed = true;
+        }
+    }
+    let body = if changed {
+        Bytes::from(serde_json::to_vec(&v).map_err(|e| AdaptError::NotJson(e.to_string()))?)
+    } else {
+        Bytes::copy_from_slice(body)
+    };
+    Ok(Adapted {
+        body,
+        model,
+        stream,
+        hide_usage_chunk,
+    })
 }
 
-/// The upstream URI: `https://<provider host><provider path>`.
-pub fn upstream_uri(p: &Provider) -> Result<Uri, hyper::http::Error> {
+/// The upstream URI: `https://<provider host><path and query>`.
+pub fn upstream_uri(p: &Provider, path_and_query: &str) -> Result<Uri, hyper::http::Error> {
     Uri::builder()
         .scheme("https")
         .authority(p.host.as_str())
-        .path_and_query(p.path.as_str())
+        .path_and_query(path_and_query)
         .build()
 }
 
 /// Upstream headers from the client's: drops credentials, tunnel and
-/// hop-by-hop headers, then sets Host, the key, and the content type.
+/// hop-by-hop headers, then sets Host and the key; a JSON body's type and
+/// length (`json_len`), or none for a request without a body.
 pub fn adapt_headers(
     client: &HeaderMap,
     p: &Provider,
-    body_len: usize,
+    json_len: Option<usize>,
 ) -> Result<HeaderMap, header::InvalidHeaderValue> {
     // Headers the client nominates as hop-by-hop go too.
     let nominated: Vec<String> = client
@@ -104,8 +159,15 @@ pub fn adapt_headers(
     let mut auth = HeaderValue::from_str(&format!("Bearer {}", p.key.expose()))?;
     auth.set_sensitive(true);
     out.insert(header::AUTHORIZATION, auth);
-    out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    out.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    match json_len {
+        Some(len) => {
+            out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        None => {
+            out.remove(header::CONTENT_TYPE);
+        }
+    }
     out.remove(HeaderName::from_static("accept-encoding"));
     Ok(out)
 }
@@ -126,34 +188,91 @@ mod tests {
         }
     }
 
+    fn endpoint(method: hyper::Method, path: &str) -> Endpoint {
+        crate::endpoint::resolve(&method, path, None, &provider().path).unwrap()
+    }
+
+    fn chat() -> Endpoint {
+        endpoint(hyper::Method::POST, "/")
+    }
+
     #[test]
     fn fills_model_and_stream_only_when_missing() {
-        let (b, model, stream) =
-            adapt_body(br#"{"messages":[{"role":"user","content":"hi"}]}"#, &provider()).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        let a = adapt_body(
+            br#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            &provider(),
+            &chat(),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["model"], "qwen1.5-72b-chat");
         assert_eq!(v["stream"], false);
         assert_eq!(v["messages"][0]["content"], "hi");
-        assert_eq!((model.as_deref(), stream), (Some("qwen1.5-72b-chat"), false));
+        assert_eq!((a.model.as_deref(), a.stream), (Some("qwen1.5-72b-chat"), false));
+        assert!(!a.hide_usage_chunk);
 
-        let (b, model, stream) = adapt_body(
+        let a = adapt_body(
             br#"{"model":"qwen-max","stream":true,"messages":[]}"#,
             &provider(),
+            &chat(),
         )
         .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["model"], "qwen-max");
         assert_eq!(v["stream"], true);
-        assert_eq!((model.as_deref(), stream), (Some("qwen-max"), true));
+        assert_eq!((a.model.as_deref(), a.stream), (Some("qwen-max"), true));
+    }
+
+    #[test]
+    fn streams_always_ask_for_usage_and_remember_whether_the_client_did() {
+        // Not asked: asked upstream, hidden from the client.
+        let a = adapt_body(
+            br#"{"model":"m","stream":true,"stream_options":{"other":1},"messages":[]}"#,
+            &provider(),
+            &chat(),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["other"], 1);
+        assert!(a.hide_usage_chunk);
+        // Asked: unchanged, byte for byte.
+        let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+        let a = adapt_body(asked, &provider(), &chat()).unwrap();
+        assert_eq!(&a.body[..], &asked[..]);
+        assert!(!a.hide_usage_chunk);
+        // Text completions too; embeddings keep their body and model as sent.
+        let completions = endpoint(hyper::Method::POST, "/v1/completions");
+        assert!(
+            adapt_body(
+                br#"{"model":"m","prompt":"x","stream":true}"#,
+                &provider(),
+                &completions
+            )
+            .unwrap()
+            .hide_usage_chunk
+        );
+        let embeddings = endpoint(hyper::Method::POST, "/v1/embeddings");
+        let body = br#"{"input":"x"}"#;
+        let a = adapt_body(body, &provider(), &embeddings).unwrap();
+        assert_eq!(
+            &a.body[..],
+            &body[..],
+            "the chat model is not forced on embeddings"
+        );
+        assert_eq!(a.model, None);
     }
 
     #[test]
     fn rejects_bodies_that_are_not_json_objects() {
         assert!(matches!(
-            adapt_body(b"hello", &provider()),
+            adapt_body(b"hello", &provider(), &chat()),
             Err(AdaptError::NotJson(_))
         ));
-        assert_eq!(adapt_body(b"[1,2]", &provider()), Err(AdaptError::NotObject));
+        assert_eq!(
+            adapt_body(b"[1,2]", &provider(), &chat()),
+            Err(AdaptError::NotObject)
+        );
     }
 
     #[test]
@@ -184,7 +303,7 @@ mod tests {
         ] {
             h.insert(HeaderName::from_static(name), value.parse().unwrap());
         }
-        let out = adapt_headers(&h, &provider(), 42).unwrap();
+        let out = adapt_headers(&h, &provider(), Some(42)).unwrap();
         for name in [
             "x-api-key",
             "api-key",
@@ -212,8 +331,10 @@ mod tests {
     #[test]
     fn uri_is_provider_host_and_path() {
         assert_eq!(
-            upstream_uri(&provider()).unwrap().to_string(),
-            "https://dashscope.aliyuncs.com/compatible-mode/v1/chat/completions"
+            upstream_uri(&provider(), "/compatible-mode/v1/models?limit=2")
+                .unwrap()
+                .to_string(),
+            "https://dashscope.aliyuncs.com/compatible-mode/v1/models?limit=2"
         );
     }
 }

@@ -16,12 +16,86 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// Usage of a chat/completions answer or chunk (`prompt_tokens`,
+/// `completion_tokens`), or of the Responses API (`input_tokens`,
+/// `output_tokens`, at the top or under `response` in its stream events).
 fn usage_of(v: &serde_json::Value) -> Option<Usage> {
-    let u = v.get("usage")?;
+    let u = v
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| v.get("response")?.get("usage").filter(|u| u.is_object()))?;
+    let count = |a: &str, b: &str| u.get(a).or_else(|| u.get(b)).and_then(|n| n.as_u64());
     Some(Usage {
-        prompt_tokens: u.get("prompt_tokens")?.as_u64()?,
-        completion_tokens: u.get("completion_tokens").and_then(|c| c.as_u64()).unwrap_or(0),
+        prompt_tokens: count("prompt_tokens", "input_tokens")?,
+        completion_tokens: count("completion_tokens", "output_tokens").unwrap_or(0),
     })
+}
+
+/// Whether an SSE event is the usage-only chunk a stream ends with when
+/// usage was asked for (`"choices": []` and a `usage` object).
+fn is_usage_only_event(event: &[u8]) -> bool {
+    let data: Vec<u8> = event
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.strip_prefix(b"data:"))
+        .flat_map(|d| d.trim_ascii().iter().copied())
+        .collect();
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
+        return false;
+    };
+    v.get("choices")
+        .and_then(|c| c.as_array())
+        .is_some_and(|c| c.is_empty())
+        && v.get("usage").is_some_and(|u| u.is_object())
+}
+
+/// Removes the usage-only chunk from an SSE stream, forwarding every other
+/// event as soon as it is complete (a partial event waits for its end).
+#[derive(Debug, Default)]
+pub struct UsageChunkFilter {
+    pending: Vec<u8>,
+}
+
+impl UsageChunkFilter {
+    /// The complete events of `pending + data` except usage-only ones; the
+    /// incomplete tail stays pending.
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(data);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        let mut i = 0;
+        while i + 1 < self.pending.len() {
+            let end = if self.pending[i..].starts_with(b"\n\n") {
+                Some(i + 2)
+            } else if self.pending[i..].starts_with(b"\r\n\r\n") {
+                Some(i + 4)
+            } else {
+                None
+            };
+            match end {
+                Some(end) => {
+                    let event = &self.pending[start..end];
+                    if !is_usage_only_event(event) {
+                        out.extend_from_slice(event);
+                    }
+                    start = end;
+                    i = end;
+                }
+                None => i += 1,
+            }
+        }
+        self.pending.drain(..start);
+        out
+    }
+
+    /// What is left at the end of the stream.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.pending);
+        if is_usage_only_event(&rest) {
+            Vec::new()
+        } else {
+            rest
+        }
+    }
 }
 
 /// Bodies larger than this are not parsed for usage (they still pass).
@@ -107,6 +181,9 @@ pub struct TappedBody<B> {
     inner: B,
     extractor: Extractor,
     done: Option<OnDone>,
+    /// Set when the client's usage chunk is to be removed.
+    filter: Option<UsageChunkFilter>,
+    ended: bool,
 }
 
 impl<B> TappedBody<B> {
@@ -119,7 +196,16 @@ impl<B> TappedBody<B> {
             inner,
             extractor,
             done: Some(Box::new(done)),
+            filter: None,
+            ended: false,
         }
+    }
+
+    /// Removes the usage-only chunk the gateway asked for (the usage is
+    /// still counted).
+    pub fn hiding_usage_chunk(mut self) -> Self {
+        self.filter = Some(UsageChunkFilter::default());
+        self
     }
 
     fn complete(&mut self, finished: bool) {
@@ -149,32 +235,66 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.extractor.feed(data);
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            this.extractor.feed(&data);
+                            let end = this.inner.is_end_stream();
+                            let out = match this.filter.as_mut() {
+                                None => data,
+                                Some(f) => {
+                                    let mut out = f.push(&data);
+                                    if end {
+                                        out.extend(f.finish());
+                                    }
+                                    Bytes::from(out)
+                                }
+                            };
+                            // hyper stops polling once a body reports its
+                            // end, so the last frame is where a complete
+                            // response is accounted.
+                            if end {
+                                this.complete(true);
+                                this.ended = true;
+                            }
+                            if out.is_empty() && !end {
+                                continue;
+                            }
+                            Frame::data(out)
+                        }
+                        Err(frame) => frame,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                // hyper stops polling once a body reports its end, so the
-                // last frame is where a complete response is accounted.
-                if this.inner.is_end_stream() {
+                Poll::Ready(None) => {
                     this.complete(true);
+                    this.ended = true;
+                    let rest = this.filter.as_mut().map(|f| f.finish()).unwrap_or_default();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                other => return other,
             }
-            Poll::Ready(None) => {
-                this.complete(true);
-                Poll::Ready(None)
-            }
-            other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || (self.filter.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        // Removing a chunk changes the length.
+        match self.filter {
+            None => self.inner.size_hint(),
+            Some(_) => hyper::body::SizeHint::default(),
+        }
     }
 }
 
@@ -213,6 +333,87 @@ mod tests {
                 "split at {split}"
             );
         }
+    }
+
+    #[test]
+    fn responses_api_usage_is_counted_from_json_and_stream_events() {
+        let mut e = Extractor::for_content_type(Some("application/json"));
+        e.feed(br#"{"object":"response","usage":{"input_tokens":11,"output_tokens":7,"input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":2}}}"#);
+        assert_eq!(
+            e.finish(),
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 7
+            })
+        );
+        let mut e = Extractor::for_content_type(Some("text/event-stream"));
+        e.feed(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":3}}}\n\n");
+        assert_eq!(
+            e.finish(),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 3
+            })
+        );
+    }
+
+    #[test]
+    fn the_usage_chunk_is_removed_and_everything_else_kept_however_split() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        let want =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
+        for split in 1..stream.len() {
+            let mut f = UsageChunkFilter::default();
+            let mut out = f.push(&stream.as_bytes()[..split]);
+            out.extend(f.push(&stream.as_bytes()[split..]));
+            out.extend(f.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), want, "split at {split}");
+        }
+        // CRLF framing, and a stream that ends without a blank line.
+        let mut f = UsageChunkFilter::default();
+        let mut out =
+            f.push(b"data: {\"choices\":[{}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}");
+        out.extend(f.finish());
+        assert_eq!(out, b"data: {\"choices\":[{}]}\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_tapped_body_hides_the_usage_chunk_but_counts_it() {
+        use http_body_util::BodyExt;
+        let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"cho",
+            "ices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
+            "data: [DONE]\n\n",
+        ]
+        .iter()
+        .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+        .collect();
+        let inner = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let s = seen.clone();
+        let body = TappedBody::new(
+            inner,
+            Extractor::for_content_type(Some("text/event-stream")),
+            move |u, done| {
+                *s.lock().unwrap() = Some((u, done));
+            },
+        )
+        .hiding_usage_chunk();
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n"
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some((
+                Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 4
+                }),
+                true
+            ))
+        );
     }
 
     #[test]

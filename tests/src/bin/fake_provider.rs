@@ -1,8 +1,12 @@
-//! An OpenAI-compatible HTTPS provider for tests and the demo. It answers
-//! chat completions (JSON, or SSE when `stream` is true) only when the
-//! request carries `Authorization: Bearer <--key>`, and appends one JSON
-//! line per request to `--log`: what it saw, with the key checked, never
-//! written.
+//! An OpenAI-compatible HTTPS provider for tests and the demo, as strict
+//! as a real one: it serves only the paths an OpenAI-compatible provider
+//! serves, under `/compatible-mode/v1` (DashScope's base) and `/v1` — chat
+//! completions, completions, embeddings, responses (JSON, or SSE when
+//! `stream` is true), models — and answers `404` to anything else. Streams
+//! carry a usage chunk only when `stream_options.include_usage` asks for
+//! it. It answers only requests carrying `Authorization: Bearer <key>`,
+//! and appends one JSON line per request to `--log`: what it saw, with the
+//! key checked, never written.
 
 use std::{
     convert::Infallible, io::Write, net::SocketAddr, path::PathBuf, sync::Arc, sync::Mutex, time::Duration,
@@ -43,6 +47,197 @@ struct Args {
     answer_bytes: usize,
 }
 
+type Resp = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+
+/// What every answer needs from the command line.
+struct Served {
+    chunks: usize,
+    delay: Duration,
+    answer: Arc<str>,
+}
+
+/// The usage a provider reports for this answer.
+const PROMPT_TOKENS: u64 = 3;
+
+fn sse(events: Vec<String>, delay: Duration) -> Resp {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    tokio::spawn(async move {
+        let n = events.len();
+        for (i, e) in events.into_iter().enumerate() {
+            if tx.send(Ok(Frame::data(Bytes::from(e)))).await.is_err() {
+                return;
+            }
+            if i + 1 < n {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
+        .expect("static response parts")
+}
+
+fn not_found(method: &str, path: &str) -> Resp {
+    json_response(
+        StatusCode::NOT_FOUND,
+        serde_json::json!({"error": {"message": format!("Unknown request URL: {method} {path}. Please check the URL for typos, or see the docs at https://platform.openai.com/docs/api-reference/."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+    )
+}
+
+/// Chat completions and text completions, JSON or streamed.
+fn completion(req: &serde_json::Value, chat: bool, s: &Served) -> Resp {
+    let model = req["model"].as_str().unwrap_or("unknown").to_string();
+    let chunks = s.chunks as u64;
+    if req["stream"].as_bool() == Some(true) {
+        let usage_asked = req["stream_options"]["include_usage"].as_bool() == Some(true);
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut events: Vec<String> = (0..s.chunks)
+            .map(|i| {
+                let choice = if chat {
+                    serde_json::json!({"index": 0, "delta": {"content": format!("part{i} ")}, "finish_reason": null})
+                } else {
+                    serde_json::json!({"index": 0, "text": format!("part{i} "), "finish_reason": null})
+                };
+                let mut c = serde_json::json!({"id": "cmpl-test", "object": object, "created": 1720680044, "model": model, "choices": [choice]});
+                if usage_asked {
+                    c["usage"] = serde_json::Value::Null;
+                }
+                format!("data: {c}\n\n")
+            })
+            .collect();
+        if usage_asked {
+            let last = serde_json::json!({"id": "cmpl-test", "object": object, "created": 1720680044, "model": model, "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": PROMPT_TOKENS + chunks}});
+            events.push(format!("data: {last}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".into());
+        return sse(events, s.delay);
+    }
+    let usage = serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 72, "total_tokens": PROMPT_TOKENS + 72});
+    if chat {
+        json_response(
+            StatusCode::OK,
+            serde_json::json!({
+                "choices": [{"message": {"role": "assistant", "content": &*s.answer}, "finish_reason": "stop", "index": 0, "logprobs": null}],
+                "object": "chat.completion",
+                "usage": usage,
+                "created": 1720680044,
+                "system_fingerprint": null,
+                "model": model,
+                "id": "chatcmpl-test"
+            }),
+        )
+    } else {
+        json_response(
+            StatusCode::OK,
+            serde_json::json!({"id": "cmpl-test", "object": "text_completion", "created": 1720680044, "model": model, "choices": [{"text": &*s.answer, "index": 0, "logprobs": null, "finish_reason": "stop"}], "usage": usage}),
+        )
+    }
+}
+
+fn embeddings(req: &serde_json::Value) -> Resp {
+    let inputs = match &req["input"] {
+        serde_json::Value::Array(a) => a.len(),
+        _ => 1,
+    };
+    let data: Vec<serde_json::Value> = (0..inputs)
+        .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, -0.2, 0.3, 0.05]}))
+        .collect();
+    let tokens = 2 * inputs as u64;
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({"object": "list", "data": data, "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+    )
+}
+
+const MODELS: [&str; 2] = ["qwen1.5-72b-chat", "text-embedding-v3"];
+
+fn model(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 1720680044, "owned_by": "system"})
+}
+
+fn response_object(model: &str, text: &str, status: &str, output_tokens: u64) -> serde_json::Value {
+    let output = if status == "completed" {
+        serde_json::json!([{"type": "message", "id": "msg_test", "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}])
+    } else {
+        serde_json::json!([])
+    };
+    let usage = if status == "completed" {
+        serde_json::json!({"input_tokens": PROMPT_TOKENS, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": PROMPT_TOKENS + output_tokens})
+    } else {
+        serde_json::Value::Null
+    };
+    serde_json::json!({"id": "resp_test", "object": "response", "created_at": 1720680044, "status": status, "model": model, "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "usage": usage})
+}
+
+/// The Responses API, JSON or streamed (its own event types).
+fn responses(req: &serde_json::Value, s: &Served) -> Resp {
+    let model = req["model"].as_str().unwrap_or("unknown").to_string();
+    if req["stream"].as_bool() != Some(true) {
+        return json_response(StatusCode::OK, response_object(&model, &s.answer, "completed", 9));
+    }
+    let mut seq = 0;
+    let mut event = |kind: &str, mut v: serde_json::Value| {
+        v["type"] = kind.into();
+        v["sequence_number"] = seq.into();
+        seq += 1;
+        format!("event: {kind}\ndata: {v}\n\n")
+    };
+    let mut events = vec![event(
+        "response.created",
+        serde_json::json!({"response": response_object(&model, "", "in_progress", 0)}),
+    )];
+    let mut text = String::new();
+    for i in 0..s.chunks {
+        let delta = format!("part{i} ");
+        text.push_str(&delta);
+        events.push(event(
+            "response.output_text.delta",
+            serde_json::json!({"item_id": "msg_test", "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
+        ));
+    }
+    events.push(event(
+        "response.completed",
+        serde_json::json!({"response": response_object(&model, &text, "completed", s.chunks as u64)}),
+    ));
+    sse(events, s.delay)
+}
+
+/// Routes a request as an OpenAI-compatible provider would.
+fn answer(method: &str, path: &str, body: Option<&serde_json::Value>, s: &Served) -> Resp {
+    let Some(rel) = path
+        .strip_prefix("/compatible-mode/v1")
+        .or_else(|| path.strip_prefix("/v1"))
+    else {
+        return not_found(method, path);
+    };
+    let need_body = |f: &dyn Fn(&serde_json::Value) -> Resp| match body {
+        Some(b) if b.is_object() => f(b),
+        _ => json_response(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error", "param": null, "code": null}}),
+        ),
+    };
+    match (method, rel) {
+        ("POST", "/chat/completions") => need_body(&|b| completion(b, true, s)),
+        ("POST", "/completions") => need_body(&|b| completion(b, false, s)),
+        ("POST", "/embeddings") => need_body(&embeddings),
+        ("POST", "/responses") => need_body(&|b| responses(b, s)),
+        ("GET", "/models") => json_response(
+            StatusCode::OK,
+            serde_json::json!({"object": "list", "data": MODELS.iter().map(|m| model(m)).collect::<Vec<_>>()}),
+        ),
+        ("GET", m) if m.strip_prefix("/models/").is_some_and(|id| MODELS.contains(&id)) => {
+            json_response(StatusCode::OK, model(&m["/models/".len()..]))
+        }
+        _ => not_found(method, path),
+    }
+}
+
 const ANSWER: &str = "I am a large language model from Alibaba Cloud, and my name is Qwen.";
 
 fn json_response(
@@ -78,23 +273,26 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let expected: Arc<str> = expected.into();
-    let (chunks, delay) = (args.chunks, Duration::from_millis(args.chunk_delay_ms));
-    let answer: Arc<str> = if args.answer_bytes > ANSWER.len() {
-        format!("{ANSWER}{}", " ".repeat(args.answer_bytes - ANSWER.len())).into()
-    } else {
-        ANSWER.into()
-    };
+    let served = Arc::new(Served {
+        chunks: args.chunks,
+        delay: Duration::from_millis(args.chunk_delay_ms),
+        answer: if args.answer_bytes > ANSWER.len() {
+            format!("{ANSWER}{}", " ".repeat(args.answer_bytes - ANSWER.len())).into()
+        } else {
+            ANSWER.into()
+        },
+    });
     println!("listening");
     loop {
         let (tcp, _) = listener.accept().await?;
-        let (acceptor, log, expected, answer) =
-            (acceptor.clone(), log.clone(), expected.clone(), answer.clone());
+        let (acceptor, log, expected, served) =
+            (acceptor.clone(), log.clone(), expected.clone(), served.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (log, expected, answer) = (log.clone(), expected.clone(), answer.clone());
+                let (log, expected, served) = (log.clone(), expected.clone(), served.clone());
                 async move {
                     let (parts, body) = req.into_parts();
                     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -114,6 +312,7 @@ async fn main() -> anyhow::Result<()> {
                     let record = serde_json::json!({
                         "method": parts.method.as_str(),
                         "path": parts.uri.path(),
+                        "query": parts.uri.query(),
                         "authorized": authorized,
                         "authorizationCount": parts.headers.get_all("authorization").iter().count(),
                         "headers": headers,
@@ -130,52 +329,11 @@ async fn main() -> anyhow::Result<()> {
                             serde_json::json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}),
                         ));
                     }
-                    let Some(req) = json else {
-                        return Ok(json_response(
-                            StatusCode::BAD_REQUEST,
-                            serde_json::json!({"error": {"message": "body is not JSON"}}),
-                        ));
-                    };
-                    let model = req["model"].as_str().unwrap_or("unknown").to_string();
-                    if req["stream"].as_bool() == Some(true) {
-                        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-                        tokio::spawn(async move {
-                            for i in 0..chunks {
-                                let chunk = serde_json::json!({"object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": {"content": format!("part{i} ")}}]});
-                                if tx
-                                    .send(Ok(Frame::data(Bytes::from(format!("data: {chunk}\n\n")))))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                                tokio::time::sleep(delay).await;
-                            }
-                            let last = serde_json::json!({"object": "chat.completion.chunk", "model": model, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": chunks, "total_tokens": 3 + chunks}});
-                            let _ = tx
-                                .send(Ok(Frame::data(Bytes::from(format!(
-                                    "data: {last}\n\ndata: [DONE]\n\n"
-                                )))))
-                                .await;
-                        });
-                        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                        let resp = Response::builder()
-                            .header("content-type", "text/event-stream")
-                            .body(StreamBody::new(stream).boxed())
-                            .expect("static response parts");
-                        return Ok(resp);
-                    }
-                    Ok(json_response(
-                        StatusCode::OK,
-                        serde_json::json!({
-                            "choices": [{"message": {"role": "assistant", "content": &*answer}, "finish_reason": "stop", "index": 0, "logprobs": null}],
-                            "object": "chat.completion",
-                            "usage": {"prompt_tokens": 3, "completion_tokens": 72, "total_tokens": 75},
-                            "created": 1720680044,
-                            "system_fingerprint": null,
-                            "model": model,
-                            "id": "chatcmpl-test"
-                        }),
+                    Ok(answer(
+                        parts.method.as_str(),
+                        parts.uri.path(),
+                        json.as_ref(),
+                        &served,
                     ))
                 }
             });

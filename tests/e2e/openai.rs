@@ -1,0 +1,258 @@
+//! The OpenAI API as clients use it, through the tunnel to a real gateway
+//! and a strict OpenAI-compatible provider (404 for any path a real one
+//! does not serve, usage in streams only when asked): every endpoint goes
+//! to its own path under the provider's base, streamed usage is always
+//! counted and never shown unasked. Needs root (the provider listens on 443).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, StatusCode};
+use llm_egress_tests::gateway_lab::*;
+use serde_json::Value;
+
+/// One request through the tunnel as `default/sleep`: (status, body).
+async fn call(lab: &GatewayLab, method: Method, path: &str, body: Option<Value>) -> (StatusCode, String) {
+    let client = lab.tunnel_client("agent");
+    let stream = client
+        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", PROVIDER_HOST)
+        // What an SDK with a placeholder key sends.
+        .header("authorization", "Bearer placeholder");
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let resp = http
+        .send_request(req.body(Full::new(body)).unwrap())
+        .await
+        .expect("response");
+    let status = resp.status();
+    (status, body_text(resp).await)
+}
+
+/// The JSON objects of an SSE body's `data:` lines (not `[DONE]`).
+fn sse_events(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("JSON event"))
+        .collect()
+}
+
+fn last_request(lab: &GatewayLab) -> Value {
+    lab.provider_requests()
+        .last()
+        .cloned()
+        .expect("the provider saw a request")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_endpoint_reaches_its_own_provider_path_with_the_key() {
+    let lab = GatewayLab::new();
+    let base = "/compatible-mode/v1";
+    let chat = serde_json::json!({"model": "qwen-max", "messages": [{"role": "user", "content": "hi"}]});
+    for (method, client_path, body, provider_path, check) in [
+        (
+            Method::POST,
+            format!("{base}/chat/completions"),
+            Some(chat.clone()),
+            "/chat/completions",
+            "choices",
+        ),
+        (
+            Method::POST,
+            "/v1/chat/completions".to_string(),
+            Some(chat.clone()),
+            "/chat/completions",
+            "choices",
+        ),
+        (
+            Method::POST,
+            format!("{base}/completions"),
+            Some(serde_json::json!({"model": "qwen-max", "prompt": "hi"})),
+            "/completions",
+            "text_completion",
+        ),
+        (
+            Method::POST,
+            format!("{base}/embeddings"),
+            Some(serde_json::json!({"model": "text-embedding-v3", "input": ["a", "b"]})),
+            "/embeddings",
+            "embedding",
+        ),
+        (
+            Method::POST,
+            format!("{base}/responses"),
+            Some(serde_json::json!({"model": "qwen-max", "input": "hi"})),
+            "/responses",
+            "output_text",
+        ),
+        (
+            Method::GET,
+            format!("{base}/models"),
+            None,
+            "/models",
+            "qwen1.5-72b-chat",
+        ),
+        (
+            Method::GET,
+            "/v1/models/text-embedding-v3".to_string(),
+            None,
+            "/models/text-embedding-v3",
+            "\"model\"",
+        ),
+    ] {
+        let (status, answer) = call(&lab, method.clone(), &client_path, body).await;
+        assert_eq!(status, StatusCode::OK, "{method} {client_path}: {answer}");
+        assert!(answer.contains(check), "{method} {client_path}: {answer}");
+        let seen = last_request(&lab);
+        assert_eq!(
+            seen["path"],
+            format!("{base}{provider_path}"),
+            "{method} {client_path}"
+        );
+        assert_eq!(seen["method"], method.as_str());
+        assert_eq!(seen["authorized"], true, "{client_path}: the gateway's key");
+        assert_eq!(
+            seen["authorizationCount"], 1,
+            "{client_path}: one key, the client's dropped"
+        );
+    }
+    // The chat model is the client's; the provider's fills in only where
+    // the body has none (chat), and is never forced on other endpoints.
+    let seen: Vec<Value> = lab.provider_requests();
+    assert_eq!(seen[0]["body"]["model"], "qwen-max");
+    let (_, _) = call(&lab, Method::POST, "/", Some(serde_json::json!({"messages": []}))).await;
+    assert_eq!(last_request(&lab)["body"]["model"], "qwen1.5-72b-chat");
+    let (_, _) = call(
+        &lab,
+        Method::POST,
+        &format!("{base}/embeddings"),
+        Some(serde_json::json!({"input": "x"})),
+    )
+    .await;
+    assert!(last_request(&lab)["body"].get("model").is_none());
+
+    // A query string reaches the provider.
+    let (status, _) = call(
+        &lab,
+        Method::GET,
+        &format!("{base}/models?limit=1&order=asc"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(last_request(&lab)["query"], "limit=1&order=asc");
+
+    // An unknown path: 404 in OpenAI's error shape, naming what is served;
+    // the provider never sees it.
+    let before = lab.provider_requests().len();
+    let (status, answer) = call(
+        &lab,
+        Method::POST,
+        &format!("{base}/fine_tuning/jobs"),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let err: Value = serde_json::from_str(&answer).expect("a JSON error");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("POST /embeddings") && message.contains("GET /models"),
+        "{message}"
+    );
+    let (status, _) = call(&lab, Method::GET, &format!("{base}/embeddings"), None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(lab.provider_requests().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_usage_is_always_counted_and_shown_only_when_asked() {
+    let lab = GatewayLab::new();
+    let tokens = |m: &str, kind: &str| -> u64 {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "llm_egress_gateway_tokens_total{{principal=\"cluster.local/ns/default/sa/sleep\",model=\"qwen-max\",kind=\"{kind}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // Not asked: the provider is asked, the client sees no usage chunk.
+    let (status, body) = call(
+        &lab,
+        Method::POST,
+        "/compatible-mode/v1/chat/completions",
+        Some(serde_json::json!({"model": "qwen-max", "stream": true, "messages": [{"role": "user", "content": "count"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = last_request(&lab);
+    assert_eq!(seen["body"]["stream_options"]["include_usage"], true);
+    let events = sse_events(&body);
+    assert_eq!(events.len(), 5, "{body}");
+    assert!(
+        events
+            .iter()
+            .all(|e| !e["choices"].as_array().unwrap().is_empty()),
+        "a usage-only chunk reached a client that did not ask: {body}"
+    );
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let m = lab.admin_get("/metrics").await;
+    assert_eq!((tokens(&m, "prompt"), tokens(&m, "completion")), (3, 5), "{m}");
+
+    // Asked: the usage chunk arrives unchanged, and is counted once more.
+    let (_, body) = call(
+        &lab,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(serde_json::json!({"model": "qwen-max", "stream": true, "stream_options": {"include_usage": true}, "messages": []})),
+    )
+    .await;
+    let events = sse_events(&body);
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"], serde_json::json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+    let m = lab.admin_get("/metrics").await;
+    assert_eq!((tokens(&m, "prompt"), tokens(&m, "completion")), (6, 10));
+
+    // Text completions stream usage the same way; the Responses API's
+    // usage (input/output tokens) is counted from its final event.
+    let (_, body) = call(
+        &lab,
+        Method::POST,
+        "/v1/completions",
+        Some(serde_json::json!({"model": "qwen-max", "prompt": "x", "stream": true})),
+    )
+    .await;
+    assert!(
+        sse_events(&body)
+            .iter()
+            .all(|e| e.get("usage").is_none_or(|u| u.is_null())),
+        "{body}"
+    );
+    let (_, body) = call(
+        &lab,
+        Method::POST,
+        "/v1/responses",
+        Some(serde_json::json!({"model": "qwen-max", "input": "x", "stream": true})),
+    )
+    .await;
+    assert!(body.contains("response.completed"), "{body}");
+    let m = lab.admin_get("/metrics").await;
+    assert_eq!(
+        (tokens(&m, "prompt"), tokens(&m, "completion")),
+        (12, 20),
+        "completions (3 + 5) and responses (3 + 5) counted: {m}"
+    );
+}
