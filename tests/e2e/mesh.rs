@@ -464,3 +464,81 @@ fn the_agent_refuses_a_gateway_with_another_identity() {
         lab.agent_logs().contains("not the expected").then_some(())
     });
 }
+
+/// The official OpenAI Python SDK in the enrolled pod, with a placeholder
+/// key and only `base_url` pointing at the provider: every call works, the
+/// provider sees its own paths and the gateway's key, a stream the client
+/// did not ask usage for shows none (but is counted), one that asked gets it.
+#[test]
+fn the_official_openai_sdk_works_unchanged_from_an_enrolled_pod() {
+    let mut lab = CaptureLab::new();
+    lab.start_mesh();
+    seed_until(&lab, &lab.sleep_cgroup, completion);
+    let before = lab.provider_requests().len();
+    let python = llm_egress_tests::env::openai_python();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/openai_client.py");
+    let out = llm_egress_tests::process::run(
+        &Place {
+            netns: Some(&lab.pod),
+            cgroup: Some(&lab.sleep_cgroup),
+        },
+        python.to_str().unwrap(),
+        &[
+            script.to_str().unwrap(),
+            "http://dashscope.aliyuncs.com/compatible-mode/v1",
+            "qwen-max",
+            "text-embedding-v3",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "the SDK failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lab.gateway_logs()
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the script's JSON");
+    assert!(got["chat"].as_str().unwrap().contains("Qwen"), "{got}");
+    assert_eq!(got["chat_usage"], 72);
+    assert_eq!(got["stream_text"], "part0 part1 part2 part3 part4 ");
+    assert_eq!(got["stream_last_has_choices"], true, "{got}");
+    assert_eq!(got["stream_usage_seen"], false, "{got}");
+    assert_eq!(got["asked_usage"], 5, "{got}");
+    assert_eq!(got["embeddings"], serde_json::json!([4, 4]));
+    assert_eq!(
+        got["models"],
+        serde_json::json!(["qwen1.5-72b-chat", "text-embedding-v3"])
+    );
+    assert!(got["responses"].as_str().unwrap().contains("Qwen"), "{got}");
+    assert_eq!(got["responses_stream"], "part0 part1 part2 part3 part4 ");
+    assert!(got["completions"].as_str().unwrap().contains("Qwen"), "{got}");
+
+    let seen: Vec<serde_json::Value> = lab.provider_requests().into_iter().skip(before).collect();
+    let paths: Vec<&str> = seen.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    let base = "/compatible-mode/v1";
+    assert_eq!(
+        paths,
+        [
+            "/chat/completions",
+            "/chat/completions",
+            "/chat/completions",
+            "/embeddings",
+            "/models",
+            "/responses",
+            "/responses",
+            "/completions"
+        ]
+        .map(|p| format!("{base}{p}")),
+    );
+    for r in &seen {
+        assert_eq!(r["authorized"], true, "{r}");
+        assert_eq!(r["authorizationCount"], 1, "{r}");
+    }
+    assert_eq!(seen[0]["body"]["model"], "qwen-max");
+    assert_eq!(seen[1]["body"]["stream_options"]["include_usage"], true);
+    let metrics = lab.gateway_metrics();
+    assert!(
+        metrics.contains("llm_egress_gateway_tokens_total{principal=\"cluster.local/ns/default/sa/sleep\",model=\"qwen-max\",kind=\"completion\"}"),
+        "{metrics}"
+    );
+}

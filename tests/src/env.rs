@@ -85,3 +85,23 @@ pub fn bin_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| target_dir().join("debug"))
 }
+
+/// A virtual environment holding the official OpenAI Python SDK, made by
+/// `cargo xtask setup`.
+pub fn openai_venv() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".cache/llm-egress/openai-venv")
+}
+
+/// The venv's Python, with a clear error when setup has not made it.
+pub fn openai_python() -> PathBuf {
+    let python = openai_venv().join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs the OpenAI SDK into a virtual environment)",
+        python.display()
+    );
+    python
+}

@@ -89,6 +89,12 @@ impl CaptureLab {
         }
     }
 
+    /// The gateway's `/metrics`, read in its namespace.
+    pub fn gateway_metrics(&self) -> String {
+        let out = self.curl_in(&self.gw, None, &["-sS", "http://127.0.0.1:15020/metrics"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn gateway_logs(&self) -> String {
         self.gateway.as_ref().map(|g| g.logs()).unwrap_or_else(|| {
             std::fs::read_to_string(self.workdir.path().join("gateway.log")).unwrap_or_default()

@@ -160,9 +160,9 @@ fn run_demo() -> anyhow::Result<()> {
     for line in String::from_utf8_lossy(&agent_status.stdout).lines().take(14) {
         println!("     {line}");
     }
-    let metrics = lab.curl_in(&lab.gw, None, &["-sS", "http://127.0.0.1:15020/metrics"]);
+    let metrics = lab.gateway_metrics();
     println!("   gateway: /metrics on 127.0.0.1:15020 in the gateway namespace");
-    for line in String::from_utf8_lossy(&metrics.stdout).lines().filter(|l| {
+    for line in metrics.lines().filter(|l| {
         l.starts_with("llm_egress_gateway_requests_total") || l.starts_with("llm_egress_gateway_tokens_total")
     }) {
         println!("     {line}");

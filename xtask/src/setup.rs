@@ -162,8 +162,25 @@ pub fn setup(system: bool) -> anyhow::Result<()> {
     if system {
         packages()?;
         kubernetes_tools()?;
+        openai_sdk()?;
     }
     Ok(())
+}
+
+/// The official OpenAI Python SDK in a virtual environment (cached), for
+/// the tests that run it in an enrolled pod.
+pub fn openai_sdk() -> anyhow::Result<()> {
+    let venv = llm_egress_tests::env::openai_venv();
+    let python = venv.join("bin/python");
+    if python.exists() && ok(Command::new(&python).args(["-c", "import openai"])) {
+        return Ok(());
+    }
+    println!(
+        "setup: installing the OpenAI Python SDK into {} (tests)",
+        venv.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "openai"]))
 }
 
 fn script(name: &str) -> PathBuf {
