@@ -1,9 +1,15 @@
 //! Prometheus metrics of the gateway. Labels never carry a key or a body.
+//! LLM traffic follows the OpenTelemetry GenAI semantic conventions
+//! (`gen_ai.client.token.usage`, `gen_ai.server.request.duration`,
+//! `gen_ai.server.time_to_first_token`, `gen_ai.server.time_per_output_token`,
+//! in Prometheus form: dots become underscores, seconds as the unit), with
+//! the caller's workload principal as an extra label; `llm_egress_*` keeps
+//! what those do not say (status codes, reloads, tunnel and client events).
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
-    registry::Registry,
+    registry::{Registry, Unit},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -15,17 +21,27 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+/// The GenAI attributes of one request (`gen_ai.*`, `error.type`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DurationLabels {
-    pub host: String,
-    pub provider: String,
+pub struct GenAiLabels {
+    pub gen_ai_operation_name: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_request_model: String,
+    pub gen_ai_response_model: String,
+    /// Empty on success; the HTTP status code otherwise.
+    pub error_type: String,
+    pub principal: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TokenLabels {
+pub struct TokenUsageLabels {
+    pub gen_ai_operation_name: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_request_model: String,
+    pub gen_ai_response_model: String,
+    /// `input` or `output`.
+    pub gen_ai_token_type: &'static str,
     pub principal: String,
-    pub model: String,
-    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,8 +77,10 @@ pub struct Metrics {
     pub registry: Registry,
     pub client_timeouts: Family<StageLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<DurationLabels, Histogram>,
-    pub tokens: Family<TokenLabels, Counter>,
+    pub token_usage: Family<TokenUsageLabels, Histogram>,
+    pub request_duration: Family<GenAiLabels, Histogram>,
+    pub time_to_first_token: Family<GenAiLabels, Histogram>,
+    pub time_per_output_token: Family<GenAiLabels, Histogram>,
     pub reloads: Family<ResultLabels, Counter>,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub passthrough: Family<PassthroughLabels, Counter>,
@@ -79,12 +97,28 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<DurationLabels, Histogram>::new_with_constructor(|| {
+        // Bucket boundaries as the GenAI conventions advise.
+        let token_usage = Family::<TokenUsageLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+                4194304.0, 16777216.0, 67108864.0,
             ])
         });
-        let tokens = Family::<TokenLabels, Counter>::default();
+        let request_duration = Family::<GenAiLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+            ])
+        });
+        let time_to_first_token = Family::<GenAiLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+            ])
+        });
+        let time_per_output_token = Family::<GenAiLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+            ])
+        });
         let reloads = Family::<ResultLabels, Counter>::default();
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let passthrough = Family::<PassthroughLabels, Counter>::default();
@@ -101,14 +135,27 @@ impl Metrics {
             requests.clone(),
         );
         registry.register(
-            "llm_egress_gateway_request_duration_seconds",
-            "Time from request to the end of the response body",
-            duration.clone(),
+            "gen_ai_client_token_usage",
+            "Tokens used per request, by token type (input, output), operation, provider, models and principal (gen_ai.client.token.usage)",
+            token_usage.clone(),
         );
-        registry.register(
-            "llm_egress_gateway_tokens",
-            "Tokens reported by providers, by principal, model and kind (prompt, completion)",
-            tokens.clone(),
+        registry.register_with_unit(
+            "gen_ai_server_request_duration",
+            "Time from request to the end of the response (gen_ai.server.request.duration)",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        registry.register_with_unit(
+            "gen_ai_server_time_to_first_token",
+            "Time from request to the first chunk of a streamed response (gen_ai.server.time_to_first_token)",
+            Unit::Seconds,
+            time_to_first_token.clone(),
+        );
+        registry.register_with_unit(
+            "gen_ai_server_time_per_output_token",
+            "Time per output token after the first, for streamed responses (gen_ai.server.time_per_output_token)",
+            Unit::Seconds,
+            time_per_output_token.clone(),
         );
         registry.register(
             "llm_egress_gateway_config_reloads",
@@ -134,8 +181,10 @@ impl Metrics {
             registry,
             client_timeouts,
             requests,
-            duration,
-            tokens,
+            token_usage,
+            request_duration,
+            time_to_first_token,
+            time_per_output_token,
             reloads,
             upstream_errors,
             passthrough,
@@ -151,5 +200,81 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric the Grafana dashboard queries is one this gateway
+    /// exports (a renamed metric would leave a panel empty).
+    #[test]
+    fn the_dashboard_queries_only_metrics_the_gateway_exports() {
+        let m = Metrics::new();
+        m.token_usage
+            .get_or_create(&TokenUsageLabels {
+                gen_ai_operation_name: "chat".into(),
+                gen_ai_provider_name: "p".into(),
+                gen_ai_request_model: "m".into(),
+                gen_ai_response_model: "m".into(),
+                gen_ai_token_type: "input",
+                principal: "x".into(),
+            })
+            .observe(1.0);
+        let labels = GenAiLabels {
+            gen_ai_operation_name: "chat".into(),
+            gen_ai_provider_name: "p".into(),
+            gen_ai_request_model: "m".into(),
+            gen_ai_response_model: "m".into(),
+            error_type: String::new(),
+            principal: "x".into(),
+        };
+        for h in [
+            &m.request_duration,
+            &m.time_to_first_token,
+            &m.time_per_output_token,
+        ] {
+            h.get_or_create(&labels).observe(0.1);
+        }
+        m.client_timeout("sniff");
+        m.requests
+            .get_or_create(&RequestLabels {
+                principal: "x".into(),
+                host: "h".into(),
+                provider: "p".into(),
+                model: "m".into(),
+                code: 200,
+            })
+            .inc();
+        let exported = m.encode();
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/llm-egress-genai.json"
+        )))
+        .expect("the dashboard is JSON");
+        let mut checked = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("gen_ai_") || word.starts_with("llm_egress_") {
+                        if word.starts_with("gen_ai_token_type")
+                            || word.starts_with("gen_ai_operation_name")
+                            || word.starts_with("gen_ai_request_model")
+                            || word.starts_with("gen_ai_response_model")
+                        {
+                            continue;
+                        }
+                        assert!(
+                            exported.contains(&format!("\n{word}")),
+                            "{word} is not exported:\n{exported}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 8, "{checked}");
     }
 }

@@ -14,10 +14,10 @@ use crate::{
     endpoint::{self, BodyKind, EndpointError},
     jwt,
     limits::{self, BodyError, ClientDeadlines},
-    metrics::{DurationLabels, Metrics, RequestLabels, TokenLabels, UpstreamErrorLabels},
+    metrics::{GenAiLabels, Metrics, RequestLabels, TokenUsageLabels, UpstreamErrorLabels},
     provider, route,
     upstream::Upstream,
-    usage::{Extractor, TappedBody, Usage},
+    usage::{Extractor, Outcome, TappedBody},
 };
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -85,7 +85,14 @@ struct Access<'a> {
 }
 
 impl Gateway {
-    fn record(&self, a: &Access, code: StatusCode, started: Instant, usage: Option<Usage>, reason: &str) {
+    fn record(
+        &self,
+        a: &Access,
+        code: StatusCode,
+        started: Instant,
+        outcome: Option<&Outcome>,
+        reason: &str,
+    ) {
         let principal = a.source.principal.as_deref().unwrap_or("-");
         self.metrics
             .requests
@@ -98,23 +105,54 @@ impl Gateway {
             })
             .inc();
         let elapsed = started.elapsed();
+        let usage = outcome.and_then(|o| o.usage);
+        let response_model = outcome.and_then(|o| o.response_model.as_deref()).unwrap_or("-");
+        let ttft = outcome
+            .and_then(|o| o.first_chunk_at)
+            .map(|t| t.saturating_duration_since(started));
+        let labels = GenAiLabels {
+            gen_ai_operation_name: a.operation.to_string(),
+            gen_ai_provider_name: a.provider.to_string(),
+            gen_ai_request_model: a.model.to_string(),
+            gen_ai_response_model: response_model.to_string(),
+            error_type: if code.is_success() {
+                String::new()
+            } else {
+                code.as_u16().to_string()
+            },
+            principal: principal.to_string(),
+        };
         self.metrics
-            .duration
-            .get_or_create(&DurationLabels {
-                host: a.host.to_string(),
-                provider: a.provider.to_string(),
-            })
+            .request_duration
+            .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
-        if let Some(u) = usage {
-            for (kind, n) in [("prompt", u.prompt_tokens), ("completion", u.completion_tokens)] {
+        if let Some(t) = ttft {
+            self.metrics
+                .time_to_first_token
+                .get_or_create(&labels)
+                .observe(t.as_secs_f64());
+            // After the first token, the rest of the stream per token.
+            if let Some(u) = usage.filter(|u| u.completion_tokens > 1) {
+                let rest = elapsed.saturating_sub(t).as_secs_f64() / (u.completion_tokens - 1) as f64;
                 self.metrics
-                    .tokens
-                    .get_or_create(&TokenLabels {
+                    .time_per_output_token
+                    .get_or_create(&labels)
+                    .observe(rest);
+            }
+        }
+        if let Some(u) = usage {
+            for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
+                self.metrics
+                    .token_usage
+                    .get_or_create(&TokenUsageLabels {
+                        gen_ai_operation_name: labels.gen_ai_operation_name.clone(),
+                        gen_ai_provider_name: labels.gen_ai_provider_name.clone(),
+                        gen_ai_request_model: labels.gen_ai_request_model.clone(),
+                        gen_ai_response_model: labels.gen_ai_response_model.clone(),
+                        gen_ai_token_type: kind,
                         principal: principal.to_string(),
-                        model: a.model.to_string(),
-                        kind,
                     })
-                    .inc_by(n);
+                    .observe(n as f64);
             }
         }
         tracing::info!(
@@ -127,9 +165,11 @@ impl Gateway {
             operation = a.operation,
             provider = a.provider,
             model = a.model,
+            response_model,
             status = code.as_u16(),
             prompt_tokens = usage.map(|u| u.prompt_tokens),
             completion_tokens = usage.map(|u| u.completion_tokens),
+            ttft_ms = ttft.map(|t| t.as_millis() as u64),
             duration_ms = elapsed.as_millis() as u64,
             reason,
             "request"
@@ -345,7 +385,7 @@ impl Gateway {
             model.clone(),
         );
         let operation = endpoint.operation.name();
-        let tapped = TappedBody::new(rbody, extractor, move |usage, finished| {
+        let tapped = TappedBody::new(rbody, extractor, move |outcome| {
             let a = Access {
                 source: &src,
                 method: &method,
@@ -359,8 +399,8 @@ impl Gateway {
                 &a,
                 code,
                 started,
-                usage,
-                if finished { "" } else { "client went away" },
+                Some(&outcome),
+                if outcome.finished { "" } else { "client went away" },
             );
         });
         // The usage chunk the gateway asked for is the client's only if it

@@ -102,11 +102,28 @@ impl UsageChunkFilter {
 const MAX_JSON: usize = 4 << 20;
 const MAX_LINE: usize = 1 << 20;
 
+/// The model an answer names (`model`, or `response.model` in Responses
+/// stream events).
+fn model_of(v: &serde_json::Value) -> Option<String> {
+    v.get("model")
+        .or_else(|| v.get("response")?.get("model"))
+        .and_then(|m| m.as_str())
+        .filter(|m| !m.is_empty() && m.len() <= 256)
+        .map(str::to_string)
+}
+
 /// Incremental extractor for one response.
 #[derive(Debug)]
 pub enum Extractor {
-    Json { buf: Vec<u8>, overflow: bool },
-    Sse { line: Vec<u8>, last: Option<Usage> },
+    Json {
+        buf: Vec<u8>,
+        overflow: bool,
+    },
+    Sse {
+        line: Vec<u8>,
+        last: Option<Usage>,
+        model: Option<String>,
+    },
     None,
 }
 
@@ -116,6 +133,7 @@ impl Extractor {
             Some(c) if c == "text/event-stream" => Extractor::Sse {
                 line: Vec::new(),
                 last: None,
+                model: None,
             },
             Some(c) if c == "application/json" || c.ends_with("+json") => Extractor::Json {
                 buf: Vec::new(),
@@ -135,15 +153,19 @@ impl Extractor {
                     buf.extend_from_slice(chunk);
                 }
             }
-            Extractor::Sse { line, last } => {
+            Extractor::Sse { line, last, model } => {
                 for &b in chunk {
                     if b == b'\n' {
                         if let Some(data) = line.strip_prefix(b"data:") {
                             let data = data.trim_ascii();
                             if data != b"[DONE]" {
-                                if let Some(u) = serde_json::from_slice(data).ok().as_ref().and_then(usage_of)
-                                {
-                                    *last = Some(u);
+                                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+                                    if let Some(u) = usage_of(&v) {
+                                        *last = Some(u);
+                                    }
+                                    if model.is_none() {
+                                        *model = model_of(&v);
+                                    }
                                 }
                             }
                         }
@@ -157,25 +179,50 @@ impl Extractor {
         }
     }
 
+    /// The usage alone (tests and fuzz targets).
+    #[cfg(test)]
     pub fn finish(&mut self) -> Option<Usage> {
+        self.finish_with_model().0
+    }
+
+    /// The usage and the model the answer named.
+    pub fn finish_with_model(&mut self) -> (Option<Usage>, Option<String>) {
         // A stream may end without a final newline.
         if matches!(self, Extractor::Sse { line, .. } if !line.is_empty()) {
             self.feed(b"\n");
         }
         match self {
             Extractor::Json { buf, overflow: false } => {
-                serde_json::from_slice(buf).ok().as_ref().and_then(usage_of)
+                match serde_json::from_slice::<serde_json::Value>(buf) {
+                    Ok(v) => (usage_of(&v), model_of(&v)),
+                    Err(_) => (None, None),
+                }
             }
-            Extractor::Sse { last, .. } => *last,
-            _ => None,
+            Extractor::Sse { last, model, .. } => (*last, model.clone()),
+            _ => (None, None),
         }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Extractor::Sse { .. })
     }
 }
 
-/// Passes a response body through unchanged, feeding the extractor, and
-/// calls `done` once with the usage (if any) when the body ends or drops.
-/// Called once with the usage seen and whether the body ended normally.
-type OnDone = Box<dyn FnOnce(Option<Usage>, bool) + Send>;
+/// What a response turned out to be, once it ended (or was dropped).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub usage: Option<Usage>,
+    /// The model the answer named.
+    pub response_model: Option<String>,
+    /// Whether the body ended normally (not cut by the client).
+    pub finished: bool,
+    /// When the first data arrived, for a streamed (SSE) answer.
+    pub first_chunk_at: Option<std::time::Instant>,
+}
+
+/// Passes a response body through, feeding the extractor, and calls `done`
+/// once with the outcome when the body ends or drops.
+type OnDone = Box<dyn FnOnce(Outcome) + Send>;
 
 pub struct TappedBody<B> {
     inner: B,
@@ -184,20 +231,18 @@ pub struct TappedBody<B> {
     /// Set when the client's usage chunk is to be removed.
     filter: Option<UsageChunkFilter>,
     ended: bool,
+    first_chunk_at: Option<std::time::Instant>,
 }
 
 impl<B> TappedBody<B> {
-    pub fn new(
-        inner: B,
-        extractor: Extractor,
-        done: impl FnOnce(Option<Usage>, bool) + Send + 'static,
-    ) -> Self {
+    pub fn new(inner: B, extractor: Extractor, done: impl FnOnce(Outcome) + Send + 'static) -> Self {
         TappedBody {
             inner,
             extractor,
             done: Some(Box::new(done)),
             filter: None,
             ended: false,
+            first_chunk_at: None,
         }
     }
 
@@ -210,8 +255,13 @@ impl<B> TappedBody<B> {
 
     fn complete(&mut self, finished: bool) {
         if let Some(done) = self.done.take() {
-            let usage = self.extractor.finish();
-            done(usage, finished);
+            let (usage, response_model) = self.extractor.finish_with_model();
+            done(Outcome {
+                usage,
+                response_model,
+                finished,
+                first_chunk_at: self.first_chunk_at,
+            });
         }
     }
 }
@@ -243,6 +293,10 @@ where
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = match frame.into_data() {
                         Ok(data) => {
+                            if this.first_chunk_at.is_none() && !data.is_empty() && this.extractor.is_stream()
+                            {
+                                this.first_chunk_at = Some(std::time::Instant::now());
+                            }
                             this.extractor.feed(&data);
                             let end = this.inner.is_end_stream();
                             let out = match this.filter.as_mut() {
@@ -394,8 +448,8 @@ mod tests {
         let body = TappedBody::new(
             inner,
             Extractor::for_content_type(Some("text/event-stream")),
-            move |u, done| {
-                *s.lock().unwrap() = Some((u, done));
+            move |o: Outcome| {
+                *s.lock().unwrap() = Some((o.usage, o.finished));
             },
         )
         .hiding_usage_chunk();

@@ -66,7 +66,19 @@ async fn seed_request_through_the_tunnel_reaches_the_provider_adapted() {
         metrics.contains("llm_egress_gateway_requests_total{principal=\"cluster.local/ns/default/sa/sleep\",host=\"dashscope.aliyuncs.com\",provider=\"istio-system/dashscope-qwen\",model=\"qwen1.5-72b-chat\",code=\"200\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("llm_egress_gateway_tokens_total{principal=\"cluster.local/ns/default/sa/sleep\",model=\"qwen1.5-72b-chat\",kind=\"completion\"} 72"), "{metrics}");
+    assert_eq!(
+        series_value(
+            &metrics,
+            "gen_ai_client_token_usage_sum",
+            &[
+                ("principal", "cluster.local/ns/default/sa/sleep"),
+                ("gen_ai_request_model", "qwen1.5-72b-chat"),
+                ("gen_ai_token_type", "output")
+            ]
+        ),
+        Some(72.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,10 +214,22 @@ async fn streamed_completion_arrives_chunk_by_chunk() {
         "frames arrived together (spread {spread:?}): buffered"
     );
     assert!(text.contains("part0") && text.contains("part4") && text.contains("[DONE]"));
-    // Usage from the final SSE chunk.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let metrics = lab.admin_get("/metrics").await;
-    assert!(metrics.contains("kind=\"completion\"} 5"), "{metrics}");
+    // Usage from the final SSE chunk (asked for by the gateway), once the
+    // access record is written.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = lab.admin_get("/metrics").await;
+        let output = series_value(
+            &metrics,
+            "gen_ai_client_token_usage_sum",
+            &[("gen_ai_operation_name", "chat"), ("gen_ai_token_type", "output")],
+        );
+        if output == Some(5.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

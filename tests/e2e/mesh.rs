@@ -537,8 +537,19 @@ fn the_official_openai_sdk_works_unchanged_from_an_enrolled_pod() {
     assert_eq!(seen[0]["body"]["model"], "qwen-max");
     assert_eq!(seen[1]["body"]["stream_options"]["include_usage"], true);
     let metrics = lab.gateway_metrics();
-    assert!(
-        metrics.contains("llm_egress_gateway_tokens_total{principal=\"cluster.local/ns/default/sa/sleep\",model=\"qwen-max\",kind=\"completion\"}"),
+    // Chat 72 + stream 5 + asked stream 5 output tokens, counted per operation.
+    assert_eq!(
+        llm_egress_tests::gateway_lab::series_value(
+            &metrics,
+            "gen_ai_client_token_usage_sum",
+            &[
+                ("principal", "cluster.local/ns/default/sa/sleep"),
+                ("gen_ai_operation_name", "chat"),
+                ("gen_ai_request_model", "qwen-max"),
+                ("gen_ai_token_type", "output")
+            ]
+        ),
+        Some(82.0),
         "{metrics}"
     );
 }

@@ -177,16 +177,23 @@ async fn every_endpoint_reaches_its_own_provider_path_with_the_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streamed_usage_is_always_counted_and_shown_only_when_asked() {
-    let lab = GatewayLab::new();
+    let mut lab = GatewayLab::new();
+    // A provider that takes 300 ms to its first streamed token.
+    lab.stop_provider();
+    lab.provider_args = vec!["--first-chunk-delay-ms".into(), "300".into()];
+    lab.start_provider();
+    // Token usage summed over operations, as GenAI histograms report it.
     let tokens = |m: &str, kind: &str| -> u64 {
+        let kind = if kind == "prompt" { "input" } else { "output" };
         m.lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!(
-                    "llm_egress_gateway_tokens_total{{principal=\"cluster.local/ns/default/sa/sleep\",model=\"qwen-max\",kind=\"{kind}\"}} "
-                ))
+            .filter(|l| {
+                l.starts_with("gen_ai_client_token_usage_sum{")
+                    && l.contains("principal=\"cluster.local/ns/default/sa/sleep\"")
+                    && l.contains("gen_ai_request_model=\"qwen-max\"")
+                    && l.contains(&format!("gen_ai_token_type=\"{kind}\""))
             })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum::<f64>() as u64
     };
     // Not asked: the provider is asked, the client sees no usage chunk.
     let (status, body) = call(
@@ -254,5 +261,79 @@ async fn streamed_usage_is_always_counted_and_shown_only_when_asked() {
         (tokens(&m, "prompt"), tokens(&m, "completion")),
         (12, 20),
         "completions (3 + 5) and responses (3 + 5) counted: {m}"
+    );
+
+    // GenAI telemetry, per operation, model and principal: two chat
+    // streams with 5 output tokens each; time to first token at least the
+    // provider's 300 ms (no observation in the 0.25 s bucket).
+    let chat = [
+        ("gen_ai_operation_name", "chat"),
+        ("gen_ai_request_model", "qwen-max"),
+        ("gen_ai_response_model", "qwen-max"),
+        ("principal", "cluster.local/ns/default/sa/sleep"),
+    ];
+    let output: Vec<(&str, &str)> = chat
+        .iter()
+        .copied()
+        .chain([("gen_ai_token_type", "output")])
+        .collect();
+    assert_eq!(
+        series_value(&m, "gen_ai_client_token_usage_count", &output),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        series_value(&m, "gen_ai_client_token_usage_sum", &output),
+        Some(10.0),
+        "{m}"
+    );
+    let input: Vec<(&str, &str)> = chat
+        .iter()
+        .copied()
+        .chain([("gen_ai_token_type", "input")])
+        .collect();
+    assert_eq!(
+        series_value(&m, "gen_ai_client_token_usage_sum", &input),
+        Some(6.0),
+        "{m}"
+    );
+    assert_eq!(
+        series_value(&m, "gen_ai_server_time_to_first_token_seconds_count", &chat),
+        Some(2.0),
+        "{m}"
+    );
+    let fast: Vec<(&str, &str)> = chat.iter().copied().chain([("le", "0.25")]).collect();
+    assert_eq!(
+        series_value(&m, "gen_ai_server_time_to_first_token_seconds_bucket", &fast),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(series_value(&m, "gen_ai_server_time_to_first_token_seconds_sum", &chat).unwrap() >= 0.6);
+    assert_eq!(
+        series_value(&m, "gen_ai_server_time_per_output_token_seconds_count", &chat),
+        Some(2.0),
+        "{m}"
+    );
+    let ok: Vec<(&str, &str)> = chat.iter().copied().chain([("error_type", "")]).collect();
+    assert_eq!(
+        series_value(&m, "gen_ai_server_request_duration_seconds_count", &ok),
+        Some(2.0),
+        "{m}"
+    );
+    let responses = [
+        ("gen_ai_operation_name", "generate_content"),
+        ("gen_ai_token_type", "output"),
+    ];
+    assert_eq!(
+        series_value(&m, "gen_ai_client_token_usage_sum", &responses),
+        Some(5.0),
+        "{m}"
+    );
+    // The access log carries the operation and the time to first token.
+    let logs = lab.gateway_logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("\"operation\":\"chat\"") && l.contains("\"ttft_ms\":")),
+        "{logs}"
     );
 }

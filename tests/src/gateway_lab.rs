@@ -55,6 +55,8 @@ pub struct GatewayLab {
     pub kube_node_auth: &'static str,
     /// More `run` flags (for the next `start_gateway`).
     pub extra_args: Vec<String>,
+    /// More test-provider flags (for the next `start_provider`).
+    pub provider_args: Vec<String>,
 }
 
 impl GatewayLab {
@@ -111,6 +113,7 @@ impl GatewayLab {
             kubeconfig,
             kube_node_auth: "static",
             extra_args: Vec::new(),
+            provider_args: Vec::new(),
         };
 
         issue_certs(&lab.certs(), &["default/sleep", "default/other"], &["localhost"]);
@@ -131,7 +134,7 @@ impl GatewayLab {
             &self.certs(),
             self.dir.path(),
             &self.api_key,
-            &[],
+            &self.provider_args,
         ));
     }
 
@@ -419,6 +422,22 @@ pub fn spawn_provider(
         p.logs().contains("listening").then_some(())
     });
     p
+}
+
+/// The value of the series `name` (e.g. `gen_ai_client_token_usage_sum`)
+/// whose labels include every `labels` pair, from Prometheus text.
+pub fn series_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let (set, value) = rest.rsplit_once(' ')?;
+        if !set.starts_with('{') && !set.is_empty() {
+            return None;
+        }
+        labels
+            .iter()
+            .all(|(k, v)| set.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
 }
 
 /// Requests the test provider logged under `log_dir`.

@@ -163,7 +163,7 @@ fn run_demo() -> anyhow::Result<()> {
     let metrics = lab.gateway_metrics();
     println!("   gateway: /metrics on 127.0.0.1:15020 in the gateway namespace");
     for line in metrics.lines().filter(|l| {
-        l.starts_with("llm_egress_gateway_requests_total") || l.starts_with("llm_egress_gateway_tokens_total")
+        l.starts_with("llm_egress_gateway_requests_total") || l.starts_with("gen_ai_client_token_usage_sum")
     }) {
         println!("     {line}");
     }

@@ -42,6 +42,9 @@ struct Args {
     /// Delay between SSE chunks, in milliseconds.
     #[arg(long, default_value_t = 200)]
     chunk_delay_ms: u64,
+    /// Delay before a streamed answer's first chunk, in milliseconds (time to first token).
+    #[arg(long, default_value_t = 0)]
+    first_chunk_delay_ms: u64,
     /// Pad the answer's content to this many bytes (0: the seed's answer).
     #[arg(long, default_value_t = 0)]
     answer_bytes: usize,
@@ -53,15 +56,17 @@ type Resp = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
 struct Served {
     chunks: usize,
     delay: Duration,
+    first_delay: Duration,
     answer: Arc<str>,
 }
 
 /// The usage a provider reports for this answer.
 const PROMPT_TOKENS: u64 = 3;
 
-fn sse(events: Vec<String>, delay: Duration) -> Resp {
+fn sse(events: Vec<String>, first_delay: Duration, delay: Duration) -> Resp {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
     tokio::spawn(async move {
+        tokio::time::sleep(first_delay).await;
         let n = events.len();
         for (i, e) in events.into_iter().enumerate() {
             if tx.send(Ok(Frame::data(Bytes::from(e)))).await.is_err() {
@@ -115,7 +120,7 @@ fn completion(req: &serde_json::Value, chat: bool, s: &Served) -> Resp {
             events.push(format!("data: {last}\n\n"));
         }
         events.push("data: [DONE]\n\n".into());
-        return sse(events, s.delay);
+        return sse(events, s.first_delay, s.delay);
     }
     let usage = serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 72, "total_tokens": PROMPT_TOKENS + 72});
     if chat {
@@ -204,7 +209,7 @@ fn responses(req: &serde_json::Value, s: &Served) -> Resp {
         "response.completed",
         serde_json::json!({"response": response_object(&model, &text, "completed", s.chunks as u64)}),
     ));
-    sse(events, s.delay)
+    sse(events, s.first_delay, s.delay)
 }
 
 /// Routes a request as an OpenAI-compatible provider would.
@@ -276,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
     let served = Arc::new(Served {
         chunks: args.chunks,
         delay: Duration::from_millis(args.chunk_delay_ms),
+        first_delay: Duration::from_millis(args.first_chunk_delay_ms),
         answer: if args.answer_bytes > ANSWER.len() {
             format!("{ANSWER}{}", " ".repeat(args.answer_bytes - ANSWER.len())).into()
         } else {
