@@ -19,6 +19,7 @@ pub enum Operation {
     Moderations,
     Images,
     Audio,
+    Files,
 }
 
 impl Operation {
@@ -33,6 +34,7 @@ impl Operation {
             Operation::Moderations => "moderations",
             Operation::Images => "images",
             Operation::Audio => "audio",
+            Operation::Files => "files",
         }
     }
 }
@@ -44,7 +46,8 @@ pub enum BodyKind {
     None,
     /// A JSON object, read (bounded) and adapted.
     Json,
-    /// Multipart (audio, files): forwarded as the client sent it.
+    /// Multipart (audio, files): streamed through as the client sends it,
+    /// never buffered whole.
     Opaque,
 }
 
@@ -80,6 +83,11 @@ const ENDPOINTS: &[(&str, &str, Operation, BodyKind)] = &[
         BodyKind::Opaque,
     ),
     ("POST", "/audio/translations", Operation::Audio, BodyKind::Opaque),
+    ("POST", "/files", Operation::Files, BodyKind::Opaque),
+    ("GET", "/files", Operation::Files, BodyKind::None),
+    ("GET", "/files/{id}", Operation::Files, BodyKind::None),
+    ("GET", "/files/{id}/content", Operation::Files, BodyKind::None),
+    ("DELETE", "/files/{id}", Operation::Files, BodyKind::None),
 ];
 
 /// For error messages: what this gateway serves.

@@ -157,9 +157,12 @@ struct RunArgs {
     /// Resolve a provider host to an address, HOST=IP, like curl --resolve (repeatable).
     #[arg(long = "resolve", value_parser = upstream::parse_override)]
     resolve: Vec<(String, std::net::IpAddr)>,
-    /// Largest request body accepted, in bytes.
+    /// Largest JSON request body accepted, in bytes (read whole and adapted).
     #[arg(long, default_value_t = 1 << 20)]
     max_request_body: usize,
+    /// Largest upload (audio, files: multipart, streamed to the provider unbuffered), in bytes.
+    #[arg(long, default_value_t = 512 << 20)]
+    max_upload_body: usize,
     /// Seconds to wait for a provider's response headers.
     #[arg(long, default_value_t = 120)]
     upstream_timeout: u64,
@@ -431,6 +434,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         upstream: upstream::Upstream::new(upstream_tls, resolver, Duration::from_secs(args.upstream_timeout)),
         metrics: metrics.clone(),
         max_body: args.max_request_body,
+        max_upload: args.max_upload_body,
         deadlines: limits::ClientDeadlines {
             sniff: Duration::from_secs(args.sniff_timeout),
             request_head: Duration::from_secs(args.request_head_timeout),

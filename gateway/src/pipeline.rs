@@ -15,8 +15,9 @@ use crate::{
     jwt,
     limits::{self, BodyError, ClientDeadlines},
     metrics::{GenAiLabels, Metrics, RequestLabels, TokenUsageLabels, UpstreamErrorLabels},
-    provider, route,
-    upstream::Upstream,
+    provider::{self, BodyHeaders},
+    route,
+    upstream::{self, Upstream},
     usage::{Extractor, Outcome, TappedBody},
 };
 
@@ -28,6 +29,8 @@ pub struct Gateway {
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
+    /// Largest upload (multipart) streamed to a provider.
+    pub max_upload: usize,
     pub deadlines: ClientDeadlines,
 }
 
@@ -268,12 +271,16 @@ impl Gateway {
             }
         };
         access.operation = endpoint.operation.name();
-        // JSON bodies are read (bounded, with deadlines) and adapted; other
-        // bodies go as they came, still bounded.
-        let body = match endpoint.body {
-            BodyKind::None => Bytes::new(),
-            BodyKind::Json | BodyKind::Opaque => {
-                match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
+        // JSON bodies are read (bounded, with deadlines) and adapted;
+        // uploads stream through (bounded by --max-upload-body).
+        let (body, model, hide_usage_chunk, body_headers) = match endpoint.body {
+            BodyKind::None => (upstream::full(Bytes::new()), None, false, BodyHeaders::None),
+            BodyKind::Opaque => {
+                let limited = http_body_util::Limited::new(body, self.max_upload);
+                (limited.boxed(), None, false, BodyHeaders::Passthrough)
+            }
+            BodyKind::Json => {
+                let raw = match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
                     Ok(b) => b,
                     Err(e) => {
                         let (code, reason) = match e {
@@ -286,26 +293,28 @@ impl Gateway {
                         };
                         return fail(&self, &access, code, &format!("{e}\n"), reason);
                     }
+                };
+                match provider::adapt_body(&raw, provider, &endpoint) {
+                    Ok(a) => {
+                        let len = a.body.len();
+                        (
+                            upstream::full(a.body),
+                            a.model,
+                            a.hide_usage_chunk,
+                            BodyHeaders::Json(len),
+                        )
+                    }
+                    Err(e) => {
+                        return fail(
+                            &self,
+                            &access,
+                            StatusCode::BAD_REQUEST,
+                            &format!("{e}\n"),
+                            "bad body",
+                        )
+                    }
                 }
             }
-        };
-        let (body, model, hide_usage_chunk, json_len) = match endpoint.body {
-            BodyKind::Json => match provider::adapt_body(&body, provider, &endpoint) {
-                Ok(a) => {
-                    let len = a.body.len();
-                    (a.body, a.model, a.hide_usage_chunk, Some(len))
-                }
-                Err(e) => {
-                    return fail(
-                        &self,
-                        &access,
-                        StatusCode::BAD_REQUEST,
-                        &format!("{e}\n"),
-                        "bad body",
-                    )
-                }
-            },
-            BodyKind::Opaque | BodyKind::None => (body, None, false, None),
         };
         let model = model.unwrap_or_else(|| "-".into());
         access.model = &model;
@@ -321,7 +330,7 @@ impl Gateway {
                 )
             }
         };
-        let headers = match provider::adapt_headers(&parts.headers, provider, json_len) {
+        let headers = match provider::adapt_headers(&parts.headers, provider, body_headers) {
             Ok(h) => h,
             // Never echo the header: it would carry the key.
             Err(_) => {
@@ -334,7 +343,7 @@ impl Gateway {
                 )
             }
         };
-        let mut up = Request::new(Full::new(body));
+        let mut up = Request::new(body);
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = headers;

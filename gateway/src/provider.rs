@@ -131,13 +131,22 @@ pub fn upstream_uri(p: &Provider, path_and_query: &str) -> Result<Uri, hyper::ht
         .build()
 }
 
+/// What a request's body is, for its headers upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyHeaders {
+    /// Adapted JSON of this length.
+    Json(usize),
+    /// Streamed as the client sent it: its content type stays.
+    Passthrough,
+    None,
+}
+
 /// Upstream headers from the client's: drops credentials, tunnel and
-/// hop-by-hop headers, then sets Host and the key; a JSON body's type and
-/// length (`json_len`), or none for a request without a body.
+/// hop-by-hop headers, then sets Host and the key, and the body's type.
 pub fn adapt_headers(
     client: &HeaderMap,
     p: &Provider,
-    json_len: Option<usize>,
+    body: BodyHeaders,
 ) -> Result<HeaderMap, header::InvalidHeaderValue> {
     // Headers the client nominates as hop-by-hop go too.
     let nominated: Vec<String> = client
@@ -159,12 +168,14 @@ pub fn adapt_headers(
     let mut auth = HeaderValue::from_str(&format!("Bearer {}", p.key.expose()))?;
     auth.set_sensitive(true);
     out.insert(header::AUTHORIZATION, auth);
-    match json_len {
-        Some(len) => {
+    match body {
+        BodyHeaders::Json(len) => {
             out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
-        None => {
+        // The length comes from the body itself (hyper sets it, or chunks).
+        BodyHeaders::Passthrough => {}
+        BodyHeaders::None => {
             out.remove(header::CONTENT_TYPE);
         }
     }
@@ -303,7 +314,7 @@ mod tests {
         ] {
             h.insert(HeaderName::from_static(name), value.parse().unwrap());
         }
-        let out = adapt_headers(&h, &provider(), Some(42)).unwrap();
+        let out = adapt_headers(&h, &provider(), BodyHeaders::Json(42)).unwrap();
         for name in [
             "x-api-key",
             "api-key",

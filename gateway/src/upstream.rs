@@ -106,8 +106,18 @@ pub fn parse_override(s: &str) -> Result<(String, IpAddr), String> {
     Ok((host.to_string(), ip))
 }
 
+/// A request body to a provider: bytes the gateway adapted, or a client's
+/// upload streamed through.
+pub type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// `bytes` as an upstream body.
+pub fn full(bytes: Bytes) -> UpstreamBody {
+    use http_body_util::BodyExt;
+    Full::new(bytes).map_err(|e| match e {}).boxed()
+}
+
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<Resolver>>, UpstreamBody>,
     pub resolver: Resolver,
     timeout: Duration,
 }
@@ -158,7 +168,7 @@ impl Upstream {
     /// Sends a request; the response body streams (only the head is timed).
     pub async fn send(
         &self,
-        req: Request<Full<Bytes>>,
+        req: Request<UpstreamBody>,
     ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.timeout)),

@@ -337,3 +337,53 @@ async fn streamed_usage_is_always_counted_and_shown_only_when_asked() {
         "{logs}"
     );
 }
+
+/// Uploads (multipart: audio, files) stream through to the provider's
+/// endpoint, beyond the JSON body limit and without the gateway holding
+/// them whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_stream_through_unbuffered() {
+    let lab = GatewayLab::new();
+    let client = lab.tunnel_client("agent");
+    let stream = client
+        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    let boundary = "llm-egress-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend(std::iter::repeat_n(0x55u8, 48 << 20));
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let len = body.len();
+    let baseline = lab.gateway_rss_kib();
+    let req = Request::post("/v1/audio/transcriptions")
+        .header("host", PROVIDER_HOST)
+        .header("authorization", "Bearer placeholder")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = http.send_request(req).await.expect("response");
+    let status = resp.status();
+    let answer = body_text(resp).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer, format!("{{\"text\":\"{len} bytes heard\"}}"));
+    let seen = last_request(&lab);
+    assert_eq!(seen["path"], "/compatible-mode/v1/audio/transcriptions");
+    assert_eq!(seen["bodyBytes"], len);
+    assert_eq!(seen["authorized"], true);
+    assert!(seen["headers"]["content-type"]
+        .as_str()
+        .unwrap()
+        .starts_with("multipart/form-data; boundary="));
+    let grown = lab.gateway_rss_kib().saturating_sub(baseline);
+    assert!(
+        grown < 24 * 1024,
+        "the gateway grew by {grown} KiB for a 48 MiB upload: buffered"
+    );
+}

@@ -213,7 +213,14 @@ fn responses(req: &serde_json::Value, s: &Served) -> Resp {
 }
 
 /// Routes a request as an OpenAI-compatible provider would.
-fn answer(method: &str, path: &str, body: Option<&serde_json::Value>, s: &Served) -> Resp {
+fn answer(
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<&serde_json::Value>,
+    raw_len: usize,
+    s: &Served,
+) -> Resp {
     let Some(rel) = path
         .strip_prefix("/compatible-mode/v1")
         .or_else(|| path.strip_prefix("/v1"))
@@ -232,6 +239,19 @@ fn answer(method: &str, path: &str, body: Option<&serde_json::Value>, s: &Served
         ("POST", "/completions") => need_body(&|b| completion(b, false, s)),
         ("POST", "/embeddings") => need_body(&embeddings),
         ("POST", "/responses") => need_body(&|b| responses(b, s)),
+        // Multipart uploads: a transcription of whatever was sent.
+        ("POST", "/audio/transcriptions" | "/audio/translations") => {
+            if !content_type.starts_with("multipart/form-data") {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": {"message": "expected multipart/form-data", "type": "invalid_request_error"}}),
+                );
+            }
+            json_response(
+                StatusCode::OK,
+                serde_json::json!({"text": format!("{raw_len} bytes heard")}),
+            )
+        }
         ("GET", "/models") => json_response(
             StatusCode::OK,
             serde_json::json!({"object": "list", "data": MODELS.iter().map(|m| model(m)).collect::<Vec<_>>()}),
@@ -323,6 +343,7 @@ async fn main() -> anyhow::Result<()> {
                         "authorizationCount": parts.headers.get_all("authorization").iter().count(),
                         "headers": headers,
                         "body": json,
+                        "bodyBytes": body.len(),
                     });
                     if let Some(log) = &log {
                         if let Ok(mut f) = log.lock() {
@@ -335,10 +356,17 @@ async fn main() -> anyhow::Result<()> {
                             serde_json::json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}),
                         ));
                     }
+                    let content_type = parts
+                        .headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
                     Ok(answer(
                         parts.method.as_str(),
                         parts.uri.path(),
+                        content_type,
                         json.as_ref(),
+                        body.len(),
                         &served,
                     ))
                 }
