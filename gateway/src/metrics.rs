@@ -73,8 +73,17 @@ pub struct StageLabels {
     pub stage: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenDetailLabels {
+    pub principal: String,
+    pub gen_ai_request_model: String,
+    /// `cached_input` or `reasoning_output`.
+    pub kind: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub token_details: Family<TokenDetailLabels, Counter>,
     pub client_timeouts: Family<StageLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub token_usage: Family<TokenUsageLabels, Histogram>,
@@ -124,6 +133,12 @@ impl Metrics {
         let passthrough = Family::<PassthroughLabels, Counter>::default();
         let tunnel_streams = Family::<TunnelLabels, Counter>::default();
         let client_timeouts = Family::<StageLabels, Counter>::default();
+        let token_details = Family::<TokenDetailLabels, Counter>::default();
+        registry.register(
+            "llm_egress_gateway_token_details",
+            "Input tokens served from the provider's cache and output tokens spent on reasoning, by principal and model (parts of gen_ai_client_token_usage)",
+            token_details.clone(),
+        );
         registry.register(
             "llm_egress_gateway_client_timeouts",
             "Client connections and streams closed by a deadline, by stage (sniff, request_head, body, idle)",
@@ -179,6 +194,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            token_details,
             client_timeouts,
             requests,
             token_usage,

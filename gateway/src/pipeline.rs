@@ -14,7 +14,9 @@ use crate::{
     endpoint::{self, BodyKind, EndpointError},
     jwt,
     limits::{self, BodyError, ClientDeadlines},
-    metrics::{GenAiLabels, Metrics, RequestLabels, TokenUsageLabels, UpstreamErrorLabels},
+    metrics::{
+        GenAiLabels, Metrics, RequestLabels, TokenDetailLabels, TokenUsageLabels, UpstreamErrorLabels,
+    },
     provider::{self, BodyHeaders},
     route,
     upstream::{self, Upstream},
@@ -156,6 +158,23 @@ impl Gateway {
                         principal: principal.to_string(),
                     })
                     .observe(n as f64);
+            }
+        }
+        if let Some(d) = outcome.and_then(|o| o.details) {
+            for (kind, n) in [
+                ("cached_input", d.cached_input),
+                ("reasoning_output", d.reasoning_output),
+            ] {
+                if n > 0 {
+                    self.metrics
+                        .token_details
+                        .get_or_create(&TokenDetailLabels {
+                            principal: principal.to_string(),
+                            gen_ai_request_model: a.model.to_string(),
+                            kind,
+                        })
+                        .inc_by(n);
+                }
             }
         }
         tracing::info!(

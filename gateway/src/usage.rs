@@ -31,6 +31,38 @@ fn usage_of(v: &serde_json::Value) -> Option<Usage> {
     })
 }
 
+/// Token details some providers report: prompt tokens served from a cache,
+/// and completion tokens spent on reasoning.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenDetails {
+    pub cached_input: u64,
+    pub reasoning_output: u64,
+}
+
+fn details_of(v: &serde_json::Value) -> Option<TokenDetails> {
+    let u = v
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| v.get("response")?.get("usage").filter(|u| u.is_object()))?;
+    let nested = |outer: &[&str], inner: &str| {
+        outer
+            .iter()
+            .find_map(|o| u.get(*o)?.get(inner)?.as_u64())
+            .unwrap_or(0)
+    };
+    let d = TokenDetails {
+        cached_input: nested(
+            &["prompt_tokens_details", "input_tokens_details"],
+            "cached_tokens",
+        ),
+        reasoning_output: nested(
+            &["completion_tokens_details", "output_tokens_details"],
+            "reasoning_tokens",
+        ),
+    };
+    (d != TokenDetails::default()).then_some(d)
+}
+
 /// Whether an SSE event is the usage-only chunk a stream ends with when
 /// usage was asked for (`"choices": []` and a `usage` object).
 fn is_usage_only_event(event: &[u8]) -> bool {
@@ -122,6 +154,7 @@ pub enum Extractor {
     Sse {
         line: Vec<u8>,
         last: Option<Usage>,
+        details: Option<TokenDetails>,
         model: Option<String>,
     },
     None,
@@ -133,6 +166,7 @@ impl Extractor {
             Some(c) if c == "text/event-stream" => Extractor::Sse {
                 line: Vec::new(),
                 last: None,
+                details: None,
                 model: None,
             },
             Some(c) if c == "application/json" || c.ends_with("+json") => Extractor::Json {
@@ -153,7 +187,12 @@ impl Extractor {
                     buf.extend_from_slice(chunk);
                 }
             }
-            Extractor::Sse { line, last, model } => {
+            Extractor::Sse {
+                line,
+                last,
+                details,
+                model,
+            } => {
                 for &b in chunk {
                     if b == b'\n' {
                         if let Some(data) = line.strip_prefix(b"data:") {
@@ -162,6 +201,7 @@ impl Extractor {
                                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
                                     if let Some(u) = usage_of(&v) {
                                         *last = Some(u);
+                                        *details = details_of(&v);
                                     }
                                     if model.is_none() {
                                         *model = model_of(&v);
@@ -182,11 +222,11 @@ impl Extractor {
     /// The usage alone (tests and fuzz targets).
     #[cfg(test)]
     pub fn finish(&mut self) -> Option<Usage> {
-        self.finish_with_model().0
+        self.finish_all().usage
     }
 
-    /// The usage and the model the answer named.
-    pub fn finish_with_model(&mut self) -> (Option<Usage>, Option<String>) {
+    /// The usage, its details and the model the answer named.
+    pub fn finish_all(&mut self) -> Extracted {
         // A stream may end without a final newline.
         if matches!(self, Extractor::Sse { line, .. } if !line.is_empty()) {
             self.feed(b"\n");
@@ -194,12 +234,22 @@ impl Extractor {
         match self {
             Extractor::Json { buf, overflow: false } => {
                 match serde_json::from_slice::<serde_json::Value>(buf) {
-                    Ok(v) => (usage_of(&v), model_of(&v)),
-                    Err(_) => (None, None),
+                    Ok(v) => Extracted {
+                        usage: usage_of(&v),
+                        details: details_of(&v),
+                        model: model_of(&v),
+                    },
+                    Err(_) => Extracted::default(),
                 }
             }
-            Extractor::Sse { last, model, .. } => (*last, model.clone()),
-            _ => (None, None),
+            Extractor::Sse {
+                last, details, model, ..
+            } => Extracted {
+                usage: *last,
+                details: *details,
+                model: model.clone(),
+            },
+            _ => Extracted::default(),
         }
     }
 
@@ -208,10 +258,19 @@ impl Extractor {
     }
 }
 
+/// What an answer said about itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extracted {
+    pub usage: Option<Usage>,
+    pub details: Option<TokenDetails>,
+    pub model: Option<String>,
+}
+
 /// What a response turned out to be, once it ended (or was dropped).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub usage: Option<Usage>,
+    pub details: Option<TokenDetails>,
     /// The model the answer named.
     pub response_model: Option<String>,
     /// Whether the body ended normally (not cut by the client).
@@ -255,10 +314,11 @@ impl<B> TappedBody<B> {
 
     fn complete(&mut self, finished: bool) {
         if let Some(done) = self.done.take() {
-            let (usage, response_model) = self.extractor.finish_with_model();
+            let e = self.extractor.finish_all();
             done(Outcome {
-                usage,
-                response_model,
+                usage: e.usage,
+                details: e.details,
+                response_model: e.model,
                 finished,
                 first_chunk_at: self.first_chunk_at,
             });
