@@ -272,54 +272,45 @@ async fn streamed_usage_is_always_counted_and_shown_only_when_asked() {
         ("gen_ai_response_model", "qwen-max"),
         ("principal", "cluster.local/ns/default/sa/sleep"),
     ];
-    let output: Vec<(&str, &str)> = chat
-        .iter()
-        .copied()
-        .chain([("gen_ai_token_type", "output")])
-        .collect();
-    assert_eq!(
-        series_value(&m, "gen_ai_client_token_usage_count", &output),
-        Some(2.0),
-        "{m}"
-    );
-    assert_eq!(
-        series_value(&m, "gen_ai_client_token_usage_sum", &output),
-        Some(10.0),
-        "{m}"
-    );
-    let input: Vec<(&str, &str)> = chat
-        .iter()
-        .copied()
-        .chain([("gen_ai_token_type", "input")])
-        .collect();
-    assert_eq!(
-        series_value(&m, "gen_ai_client_token_usage_sum", &input),
-        Some(6.0),
-        "{m}"
-    );
-    assert_eq!(
-        series_value(&m, "gen_ai_server_time_to_first_token_seconds_count", &chat),
-        Some(2.0),
-        "{m}"
-    );
-    let fast: Vec<(&str, &str)> = chat.iter().copied().chain([("le", "0.25")]).collect();
-    assert_eq!(
-        series_value(&m, "gen_ai_server_time_to_first_token_seconds_bucket", &fast),
-        Some(0.0),
-        "{m}"
-    );
+    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
+        chat.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    for (series, extra, want) in [
+        (
+            "gen_ai_client_token_usage_count",
+            &[("gen_ai_token_type", "output")][..],
+            2.0,
+        ),
+        (
+            "gen_ai_client_token_usage_sum",
+            &[("gen_ai_token_type", "output")][..],
+            10.0,
+        ),
+        (
+            "gen_ai_client_token_usage_sum",
+            &[("gen_ai_token_type", "input")][..],
+            6.0,
+        ),
+        ("gen_ai_server_time_to_first_token_seconds_count", &[][..], 2.0),
+        (
+            "gen_ai_server_time_to_first_token_seconds_bucket",
+            &[("le", "0.25")][..],
+            0.0,
+        ),
+        ("gen_ai_server_time_per_output_token_seconds_count", &[][..], 2.0),
+        (
+            "gen_ai_server_request_duration_seconds_count",
+            &[("error_type", "")][..],
+            2.0,
+        ),
+    ] {
+        assert_eq!(
+            series_value(&m, series, &with(extra)),
+            Some(want),
+            "{series} {extra:?}: {m}"
+        );
+    }
     assert!(series_value(&m, "gen_ai_server_time_to_first_token_seconds_sum", &chat).unwrap() >= 0.6);
-    assert_eq!(
-        series_value(&m, "gen_ai_server_time_per_output_token_seconds_count", &chat),
-        Some(2.0),
-        "{m}"
-    );
-    let ok: Vec<(&str, &str)> = chat.iter().copied().chain([("error_type", "")]).collect();
-    assert_eq!(
-        series_value(&m, "gen_ai_server_request_duration_seconds_count", &ok),
-        Some(2.0),
-        "{m}"
-    );
     let responses = [
         ("gen_ai_operation_name", "generate_content"),
         ("gen_ai_token_type", "output"),
