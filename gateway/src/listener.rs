@@ -89,12 +89,11 @@ pub async fn serve_tunnel(
             });
             tracing::debug!(%peer, identity = %agent.id, is_agent, "tunnel connection");
             let g = gw.clone();
-            let admit = move |req: &ConnectRequest| {
+            let admit = move |req: ConnectRequest| {
                 let (gw, agent, node_auth) = (g.clone(), agent.clone(), node_auth.clone());
-                let (headers, authority) = (req.headers.clone(), req.authority.clone());
-                async move { admit_stream(&gw, &node_auth, &agent, is_agent, &headers, &authority).await }
+                async move { admit_stream(&gw, &node_auth, &agent, is_agent, &req.headers, &req.authority).await }
             };
-            let handler = move |_: ConnectRequest, source: Source, stream: TunnelStream| {
+            let handler = move |source: Source, stream: TunnelStream| {
                 let gw = gw.clone();
                 async move { tunnel_stream(gw, source, stream).await }
             };

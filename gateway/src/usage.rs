@@ -66,6 +66,10 @@ fn details_of(v: &serde_json::Value) -> Option<TokenDetails> {
 /// Whether an SSE event is the usage-only chunk a stream ends with when
 /// usage was asked for (`"choices": []` and a `usage` object).
 fn is_usage_only_event(event: &[u8]) -> bool {
+    // Every chunk of a stream passes here: parse only those that can be it.
+    if !event.windows(7).any(|w| w == b"\"usage\"") {
+        return false;
+    }
     let data: Vec<u8> = event
         .split(|&b| b == b'\n')
         .filter_map(|l| l.strip_prefix(b"data:"))

@@ -180,16 +180,17 @@ pub struct Refusal {
 }
 
 /// Serves one tunnel connection. Each CONNECT stream is first put to
-/// `admit` (identity checks); admitted streams are answered `200` and handed
-/// to `handler` with what `admit` returned and their byte stream, refused
+/// `admit` (identity checks), which takes the request; admitted streams are
+/// answered `200` and handed to `handler` with what `admit` returned and
+/// their byte stream, refused
 /// ones get the refusal's status and reason. Other methods get `405`.
 pub async fn serve<IO, A, AF, T, H, F>(io: IO, admit: A, handler: H) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    A: Fn(&ConnectRequest) -> AF + Clone + Send + Sync + 'static,
+    A: Fn(ConnectRequest) -> AF + Clone + Send + Sync + 'static,
     AF: Future<Output = Result<T, Refusal>> + Send + 'static,
     T: Send + 'static,
-    H: Fn(ConnectRequest, T, TunnelStream) -> F + Clone + Send + Sync + 'static,
+    H: Fn(T, TunnelStream) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
@@ -213,14 +214,14 @@ where
                 authority,
                 headers: std::mem::take(req.headers_mut()),
             };
-            let admitted = match admit(&connect).await {
+            let admitted = match admit(connect).await {
                 Ok(t) => t,
                 Err(r) => return status_only(r.status, Some(&r.reason)),
             };
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 match upgrade.await {
-                    Ok(upgraded) => handler(connect, admitted, TokioIo::new(upgraded)).await,
+                    Ok(upgraded) => handler(admitted, TokioIo::new(upgraded)).await,
                     Err(e) => tracing::debug!(error = %e, "tunnel stream upgrade failed"),
                 }
             });
@@ -494,8 +495,8 @@ mod tests {
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve(
             server_io,
-            |_: &ConnectRequest| async { Ok::<(), Refusal>(()) },
-            move |req: ConnectRequest, _: (), mut stream: TunnelStream| {
+            |req: ConnectRequest| async { Ok::<_, Refusal>(req) },
+            move |req: ConnectRequest, mut stream: TunnelStream| {
                 let seen_tx = seen_tx.clone();
                 async move {
                     let who = WorkloadIdentity::from_headers(&req.headers).unwrap();
@@ -535,13 +536,13 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         tokio::spawn(serve(
             server_io,
-            |_: &ConnectRequest| async {
+            |_: ConnectRequest| async {
                 Err::<(), _>(Refusal {
                     status: StatusCode::FORBIDDEN,
                     reason: "pod x runs on node-b".into(),
                 })
             },
-            |_: ConnectRequest, _: (), _: TunnelStream| async { panic!("a refused stream was served") },
+            |_: (), _: TunnelStream| async { panic!("a refused stream was served") },
         ));
         let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake::<_, Empty<Bytes>>(TokioIo::new(client_io))
