@@ -216,20 +216,24 @@ async fn streamed_completion_arrives_chunk_by_chunk() {
     assert!(text.contains("part0") && text.contains("part4") && text.contains("[DONE]"));
     // Usage from the final SSE chunk (asked for by the gateway), once the
     // access record is written.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = lab.admin_get("/metrics").await;
-        let output = series_value(
-            &metrics,
-            "gen_ai_client_token_usage_sum",
-            &[("gen_ai_operation_name", "chat"), ("gen_ai_token_type", "output")],
-        );
-        if output == Some(5.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    llm_egress_tests::process::eventually(
+        "the stream's 5 output tokens counted",
+        Duration::from_secs(5),
+        || async {
+            let metrics = lab.admin_get("/metrics").await;
+            let output = series_value(
+                &metrics,
+                "gen_ai_client_token_usage_sum",
+                &[("gen_ai_operation_name", "chat"), ("gen_ai_token_type", "output")],
+            );
+            if output == Some(5.0) {
+                Ok(())
+            } else {
+                Err(metrics)
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,7 +23,7 @@ use llm_egress_tests::{
     env,
     gateway_lab::*,
     kube_lab::*,
-    process::{wait_for, Place},
+    process::{eventually, wait_for, Place},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -70,19 +70,15 @@ async fn call_host(lab: &GatewayLab, host: &str, who: &WorkloadIdentity) -> (Sta
 }
 
 async fn wait_seed(lab: &GatewayLab, want: StatusCode, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(what, Duration::from_secs(30), || async {
         let (status, body) = lab.seed_call("agent", &identity("default", "sleep")).await;
         if status == want {
-            return;
+            Ok(())
+        } else {
+            Err(format!("still {status} {body}\n{}", lab.gateway_logs()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still {status} {body}\n{}",
-            lab.gateway_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 fn wait_accepted(api: &ApiServer, kind: &str, ns: &str, name: &str) -> (String, String) {
@@ -255,18 +251,17 @@ async fn an_agent_speaks_only_for_pods_of_its_own_node() {
     let addr = format!("{}:80", lab.ip);
     let call = |client, w| call(client, &addr, w);
     // Its own pod: served.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match call(&node_a, who("team-a", "sleep", "sleep-a")).await {
-            Ok(StatusCode::OK) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "node-a asserting its own pod: {other:?}\n{}",
-                lab.gateway_logs()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "node-a to assert its own pod",
+        Duration::from_secs(30),
+        || async {
+            match call(&node_a, who("team-a", "sleep", "sleep-a")).await {
+                Ok(StatusCode::OK) => Ok(()),
+                other => Err(format!("{other:?}\n{}", lab.gateway_logs())),
+            }
+        },
+    )
+    .await;
     // A pod of node-b: refused, with both identities in the log.
     match call(&node_a, who("team-b", "sleep", "sleep-b")).await {
         Err(TunnelError::Refused(code, reason)) => {
@@ -373,17 +368,17 @@ async fn an_agent_speaks_only_for_pods_of_its_own_node() {
         ],
     );
     api.apply_ok(&HOST, &pod("team-b", "sleep-b", "node-a", "sleep"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match call(&node_a, who("team-b", "sleep", "sleep-b")).await {
-            Ok(StatusCode::OK) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the rescheduled pod is still refused: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "the rescheduled pod to be assertable by node-a",
+        Duration::from_secs(30),
+        || async {
+            match call(&node_a, who("team-b", "sleep", "sleep-b")).await {
+                Ok(StatusCode::OK) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     lab.stop_provider();
 }
 
@@ -463,13 +458,17 @@ async fn hostile_clients_are_cut_at_their_deadlines_and_never_pass_credentials()
         started.elapsed() < Duration::from_secs(20),
         "the trickle outlived its deadline"
     );
-    wait_for("the head timeout counted", Duration::from_secs(10), || {
-        let rt = tokio::runtime::Handle::current();
-        let v = tokio::task::block_in_place(|| {
-            rt.block_on(lab.metric("llm_egress_gateway_client_timeouts_total{stage=\"request_head\"}"))
-        });
-        (v >= 1.0).then_some(())
-    });
+    eventually("the head timeout counted", Duration::from_secs(10), || async {
+        let v = lab
+            .metric("llm_egress_gateway_client_timeouts_total{stage=\"request_head\"}")
+            .await;
+        if v >= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{v}"))
+        }
+    })
+    .await;
 
     // A body that stops half way: 408, counted.
     let mut half = client.connect(&dest, &sleep).await.unwrap();
@@ -544,26 +543,37 @@ async fn hostile_clients_are_cut_at_their_deadlines_and_never_pass_credentials()
     let peak = lab.gateway_rss_kib();
     let (status, body) = lab.seed_call("agent", &sleep).await;
     assert_eq!(status, StatusCode::OK, "a normal request starved: {body}");
-    wait_for("the silent streams to be cut", Duration::from_secs(60), || {
-        let rt = tokio::runtime::Handle::current();
-        let v = tokio::task::block_in_place(|| {
-            rt.block_on(lab.metric("llm_egress_gateway_client_timeouts_total{stage=\"sniff\"}"))
-        });
-        (v >= 10_001.0).then_some(())
-    });
+    eventually(
+        "the silent streams to be cut",
+        Duration::from_secs(60),
+        || async {
+            let v = lab
+                .metric("llm_egress_gateway_client_timeouts_total{stage=\"sniff\"}")
+                .await;
+            if v >= 10_001.0 {
+                Ok(())
+            } else {
+                Err(format!("{v} cut"))
+            }
+        },
+    )
+    .await;
     drop(opened);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        let rss = lab.gateway_rss_kib();
-        if rss <= baseline + 16 * 1024 {
-            break rss;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway kept its memory: baseline {baseline} KiB, 10k silent streams {peak} KiB, now {rss} KiB"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let after = eventually(
+        "the gateway's memory back near its baseline",
+        Duration::from_secs(30),
+        || async {
+            let rss = lab.gateway_rss_kib();
+            if rss <= baseline + 16 * 1024 {
+                Ok(rss)
+            } else {
+                Err(format!(
+                    "baseline {baseline} KiB, 10k silent streams {peak} KiB, now {rss} KiB"
+                ))
+            }
+        },
+    )
+    .await;
     println!("gateway RSS: baseline {baseline} KiB, 10k silent streams {peak} KiB, after {after} KiB");
     let (status, _) = lab.seed_call("agent", &sleep).await;
     assert_eq!(status, StatusCode::OK);
