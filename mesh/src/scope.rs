@@ -94,6 +94,54 @@ fn rule_is_mesh(spec: &LlmRouteSpec, rule: &crate::resources::LlmRouteRule) -> b
     })
 }
 
+/// Why a route is refused (the field and the reason), given the accepted
+/// providers and the routes accepted before it; `None` when it is accepted.
+fn route_refusal(
+    r: &Named<LlmRouteSpec>,
+    host: &str,
+    scope: &Scope,
+    provider_of: &BTreeMap<String, String>,
+    route_of: &BTreeMap<String, String>,
+) -> Option<(String, String)> {
+    if !scope.is_trusted(r.meta.namespace()) {
+        if !provider_of.contains_key(host) {
+            return Some((
+                "spec.host".into(),
+                format!(
+                    "a route outside the trusted namespaces ({}) may only route the host of an accepted LLMProvider, and {host} is none",
+                    scope.list()
+                ),
+            ));
+        }
+        let foreign = r.spec.rules.iter().enumerate().find_map(|(i, rule)| {
+            if rule_is_mesh(&r.spec, rule) {
+                return None;
+            }
+            rule.backend_refs.iter().enumerate().find_map(|(j, b)| {
+                (!provider_of.contains_key(&b.provider_host.to_ascii_lowercase()))
+                    .then(|| (i, j, b.provider_host.clone()))
+            })
+        });
+        if let Some((i, j, backend)) = foreign {
+            return Some((
+                format!("spec.rules[{i}].backendRefs[{j}].providerHost"),
+                format!(
+                    "a route outside the trusted namespaces ({}) may only send to accepted LLMProviders, and {backend} is none",
+                    scope.list()
+                ),
+            ));
+        }
+    }
+    route_of.get(host).map(|winner| {
+        (
+            "spec.host".into(),
+            format!(
+                "conflict: host {host} is already routed by LLMRoute {winner}, which takes precedence (trusted namespaces first, then the oldest)"
+            ),
+        )
+    })
+}
+
 /// Removes what `scope` does not allow from `set` and returns why, one
 /// problem per object removed (severity `Error`, on the object's field).
 pub fn admit(set: &mut ResourceSet, scope: &Scope) -> Vec<Problem> {
@@ -158,53 +206,8 @@ pub fn admit(set: &mut ResourceSet, scope: &Scope) -> Vec<Problem> {
     let mut route_of: BTreeMap<String, String> = BTreeMap::new();
     for r in routes {
         let host = r.spec.host.to_ascii_lowercase();
-        if !scope.is_trusted(r.meta.namespace()) {
-            if !provider_of.contains_key(&host) {
-                problems.push(rejection(
-                    "LLMRoute",
-                    &r.meta,
-                    &r.file,
-                    "spec.host",
-                    format!(
-                        "a route outside the trusted namespaces ({}) may only route the host of an accepted LLMProvider, and {host} is none",
-                        scope.list()
-                    ),
-                ));
-                continue;
-            }
-            let foreign = r.spec.rules.iter().enumerate().find_map(|(i, rule)| {
-                if rule_is_mesh(&r.spec, rule) {
-                    return None;
-                }
-                rule.backend_refs.iter().enumerate().find_map(|(j, b)| {
-                    (!provider_of.contains_key(&b.provider_host.to_ascii_lowercase()))
-                        .then(|| (i, j, b.provider_host.clone()))
-                })
-            });
-            if let Some((i, j, backend)) = foreign {
-                problems.push(rejection(
-                    "LLMRoute",
-                    &r.meta,
-                    &r.file,
-                    &format!("spec.rules[{i}].backendRefs[{j}].providerHost"),
-                    format!(
-                        "a route outside the trusted namespaces ({}) may only send to accepted LLMProviders, and {backend} is none",
-                        scope.list()
-                    ),
-                ));
-                continue;
-            }
-        }
-        if let Some(winner) = route_of.get(&host) {
-            problems.push(rejection(
-                "LLMRoute",
-                &r.meta,
-                &r.file,
-                "spec.host",
-                format!(
-                    "conflict: host {host} is already routed by LLMRoute {winner}, which takes precedence (trusted namespaces first, then the oldest)"
-                ),
-            ));
+        if let Some((field, message)) = route_refusal(&r, &host, scope, &provider_of, &route_of) {
+            problems.push(rejection("LLMRoute", &r.meta, &r.file, &field, message));
             continue;
         }
         route_of.insert(host, format!("{}/{}", r.meta.namespace(), r.meta.name));
