@@ -24,6 +24,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long)]
     listen: SocketAddr,
+    /// Also serve the API over plain HTTP here (a provider's port 80).
+    #[arg(long)]
+    plain_listen: Option<SocketAddr>,
     /// Server certificate (PEM).
     #[arg(long)]
     cert: PathBuf,
@@ -308,72 +311,104 @@ async fn main() -> anyhow::Result<()> {
             ANSWER.into()
         },
     });
+    if let Some(plain) = args.plain_listen {
+        // Port 80 of a real provider: the same API over plain HTTP, so a
+        // connection that bypasses the gateway is seen for what it is (no key).
+        let listener = tokio::net::TcpListener::bind(plain).await?;
+        let (log, expected, served) = (log.clone(), expected.clone(), served.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let svc = service(log.clone(), expected.clone(), served.clone());
+                tokio::spawn(async move {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+    }
     println!("listening");
     loop {
         let (tcp, _) = listener.accept().await?;
-        let (acceptor, log, expected, served) =
-            (acceptor.clone(), log.clone(), expected.clone(), served.clone());
+        let svc = service(log.clone(), expected.clone(), served.clone());
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (log, expected, served) = (log.clone(), expected.clone(), served.clone());
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-                    let auth = parts
-                        .headers
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    let authorized = auth == format!("Bearer {expected}");
-                    let mut headers = serde_json::Map::new();
-                    for (k, v) in &parts.headers {
-                        if k != "authorization" {
-                            headers.insert(k.to_string(), v.to_str().unwrap_or("?").into());
-                        }
-                    }
-                    let record = serde_json::json!({
-                        "method": parts.method.as_str(),
-                        "path": parts.uri.path(),
-                        "query": parts.uri.query(),
-                        "authorized": authorized,
-                        "authorizationCount": parts.headers.get_all("authorization").iter().count(),
-                        "headers": headers,
-                        "body": json,
-                        "bodyBytes": body.len(),
-                    });
-                    if let Some(log) = &log {
-                        if let Ok(mut f) = log.lock() {
-                            let _ = writeln!(f, "{record}");
-                        }
-                    }
-                    if !authorized {
-                        return Ok::<_, Infallible>(json_response(
-                            StatusCode::UNAUTHORIZED,
-                            serde_json::json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}),
-                        ));
-                    }
-                    let content_type = parts
-                        .headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    Ok(answer(
-                        parts.method.as_str(),
-                        parts.uri.path(),
-                        content_type,
-                        json.as_ref(),
-                        body.len(),
-                        &served,
-                    ))
-                }
-            });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });
     }
+}
+
+type RequestLog = Option<Arc<Mutex<std::fs::File>>>;
+
+/// One connection's request handler: checks the key, logs, answers.
+fn service(
+    log: RequestLog,
+    expected: Arc<str>,
+    served: Arc<Served>,
+) -> impl hyper::service::Service<
+    Request<hyper::body::Incoming>,
+    Response = Resp,
+    Error = Infallible,
+    Future: Send,
+> + Clone
+       + Send {
+    service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (log, expected, served) = (log.clone(), expected.clone(), served.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+            let auth = parts
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let authorized = auth == format!("Bearer {expected}");
+            let mut headers = serde_json::Map::new();
+            for (k, v) in &parts.headers {
+                if k != "authorization" {
+                    headers.insert(k.to_string(), v.to_str().unwrap_or("?").into());
+                }
+            }
+            let record = serde_json::json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "query": parts.uri.query(),
+                "authorized": authorized,
+                "authorizationCount": parts.headers.get_all("authorization").iter().count(),
+                "headers": headers,
+                "body": json,
+                "bodyBytes": body.len(),
+            });
+            if let Some(log) = &log {
+                if let Ok(mut f) = log.lock() {
+                    let _ = writeln!(f, "{record}");
+                }
+            }
+            if !authorized {
+                return Ok::<_, Infallible>(json_response(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}),
+                ));
+            }
+            let content_type = parts
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            Ok(answer(
+                parts.method.as_str(),
+                parts.uri.path(),
+                content_type,
+                json.as_ref(),
+                body.len(),
+                &served,
+            ))
+        }
+    })
 }
