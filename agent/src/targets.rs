@@ -35,6 +35,8 @@ pub struct HostStatus {
 pub struct Targets {
     ports: Vec<u16>,
     hosts: RwLock<BTreeMap<String, HostStatus>>,
+    /// Wakes the resolver loop when the host list changes.
+    changed: tokio::sync::Notify,
 }
 
 /// Decides when to look a host up again: at TTL expiry, clamped to bounds.
@@ -73,6 +75,7 @@ impl Targets {
         Targets {
             ports,
             hosts: RwLock::new(hosts),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -88,14 +91,27 @@ impl Targets {
     /// Replaces the host list; new hosts are resolved at once, removed
     /// hosts stop being captured at the next sync.
     pub fn set_hosts(&self, hosts: &[String]) {
-        let mut map = self.hosts.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|h, _| hosts.contains(h));
-        for h in hosts {
-            map.entry(h.clone()).or_insert_with(|| HostStatus {
-                host: h.clone(),
-                ..Default::default()
-            });
+        {
+            let mut map = self.hosts.write().unwrap_or_else(|p| p.into_inner());
+            map.retain(|h, _| hosts.contains(h));
+            for h in hosts {
+                map.entry(h.clone()).or_insert_with(|| HostStatus {
+                    host: h.clone(),
+                    ..Default::default()
+                });
+            }
         }
+        // A stored permit: a change made while the loop resolves is not lost.
+        self.changed.notify_one();
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.hosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Every host has been tried at least once (successfully or not).
@@ -161,20 +177,27 @@ impl Targets {
         }
     }
 
-    /// Resolves every host on its own schedule, forever.
+    /// Resolves every host on its own schedule, forever, and writes the
+    /// addresses to TARGETS after each change.
     pub async fn run(self: Arc<Self>, capture: Arc<Capture>, timing: ResolveTiming) {
+        self.resolve_forever(timing, |targets| targets.sync(&capture))
+            .await
+    }
+
+    /// The resolver loop: each host when due (TTL-driven), hosts added by
+    /// `set_hosts` at once, and `on_change` after every round that changed
+    /// something (a removed host is dropped from TARGETS right away).
+    async fn resolve_forever(self: Arc<Self>, timing: ResolveTiming, on_change: impl Fn(&Targets)) {
         let resolver = build_resolver();
-        let names: Vec<String> = self
-            .hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        let mut due: BTreeMap<String, Instant> = names.iter().map(|n| (n.clone(), Instant::now())).collect();
+        let mut due: BTreeMap<String, Instant> = BTreeMap::new();
         loop {
+            let names = self.names();
+            let mut changed = due.len() != names.len() || names.iter().any(|n| !due.contains_key(n));
+            due.retain(|n, _| names.contains(n));
+            for n in names {
+                due.entry(n).or_insert_with(Instant::now);
+            }
             let now = Instant::now();
-            let mut changed = false;
             for (host, at) in due.iter_mut() {
                 if *at > now {
                     continue;
@@ -185,14 +208,17 @@ impl Targets {
                 changed = true;
             }
             if changed {
-                self.sync(&capture);
+                on_change(&self);
             }
             let next = due
                 .values()
                 .min()
                 .copied()
                 .unwrap_or_else(|| Instant::now() + timing.max_refresh);
-            tokio::time::sleep_until(next.into()).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = self.changed.notified() => {}
+            }
         }
     }
 }
@@ -269,6 +295,39 @@ mod tests {
         assert_eq!(keys.len(), 4);
         assert!(keys.contains(&SockKey::from_socket_addr("203.0.113.10:443".parse().unwrap())));
         assert!(keys.contains(&SockKey::from_socket_addr("[2001:db8::10]:80".parse().unwrap())));
+    }
+
+    /// Routes arrive after the agent starts (watched from the API): a host
+    /// added then is resolved at once, not at the next periodic refresh,
+    /// and a removed one leaves the capture set right away.
+    #[tokio::test]
+    async fn hosts_added_or_removed_later_are_picked_up_at_once() {
+        let t = Arc::new(Targets::new(&[], vec![80]));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let timing = ResolveTiming::default();
+        tokio::spawn(t.clone().resolve_forever(timing, move |t| {
+            let _ = tx.send(t.all_addresses());
+        }));
+        let within = Duration::from_secs(5);
+        t.set_hosts(&["192.0.2.7".into()]);
+        let expected: BTreeSet<IpAddr> = ["192.0.2.7".parse().unwrap()].into();
+        loop {
+            let seen = tokio::time::timeout(within, rx.recv())
+                .await
+                .expect("a change within 5 s");
+            if seen.as_ref() == Some(&expected) {
+                break;
+            }
+        }
+        t.set_hosts(&[]);
+        loop {
+            let seen = tokio::time::timeout(within, rx.recv())
+                .await
+                .expect("a change within 5 s");
+            if seen.as_ref().is_some_and(BTreeSet::is_empty) {
+                break;
+            }
+        }
     }
 
     #[test]
