@@ -8,5 +8,6 @@ pub mod gateway_lab;
 pub mod kube_lab;
 pub mod mesh_lab;
 pub mod netns;
+pub mod node_lab;
 pub mod process;
 pub mod topology;

@@ -2,6 +2,7 @@
 
 mod demo;
 mod kube;
+mod node;
 mod setup;
 
 use std::process::Command;
@@ -26,6 +27,10 @@ enum Cmd {
         /// Only the eBPF toolchain (nightly rust-src, bpf-linker): what an image build needs.
         #[arg(long, conflicts_with = "bench")]
         toolchain_only: bool,
+        /// Also install what the node fixture needs (containerd, runc, CNI plugins, umoci, skopeo;
+        /// kubelet, kube-proxy, controller-manager and scheduler built once).
+        #[arg(long, conflicts_with = "toolchain_only")]
+        node: bool,
     },
     /// Build the kernel programs and the agent that embeds them.
     BuildEbpf,
@@ -50,6 +55,9 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// A real node on this machine: kubelet, containerd and the control plane, the chart and the seed (as root).
+    #[command(subcommand)]
+    Node(node::NodeCmd),
 }
 
 pub fn cargo() -> Command {
@@ -83,7 +91,7 @@ pub fn is_root() -> bool {
 /// The binaries the end-to-end tests and the demo start.
 const BINARY_PACKAGES: [&str; 3] = ["llm-egress-agent", "llm-egress-gateway", "llm-egress-tests"];
 
-fn build_bins() -> anyhow::Result<()> {
+pub fn build_bins() -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.arg("build");
     for p in BINARY_PACKAGES {
@@ -93,6 +101,11 @@ fn build_bins() -> anyhow::Result<()> {
 }
 
 fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
+    if !unit && is_root() {
+        // First: on a fresh machine it builds every Kubernetes component
+        // (the API server too) from one source tree, in one go.
+        setup::node_tools()?;
+    }
     setup::setup(!unit)?;
     println!("==> unit tests");
     run(cargo()
@@ -112,8 +125,9 @@ fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the end-to-end tests need root (eBPF, network namespaces, cgroups): run `sudo -E cargo xtask test`, or `cargo xtask test --unit` for the unit tests only");
     }
-    println!("==> end-to-end tests (real eBPF, network namespaces, cgroups)");
+    println!("==> end-to-end tests (real eBPF, network namespaces, cgroups, a real node)");
     build_bins()?;
+    node::images()?;
     run(cargo().args(["test", "-p", "llm-egress-tests", "--"]).args(&args))
 }
 
@@ -206,10 +220,14 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
         Cmd::Setup {
             bench,
             toolchain_only,
+            node,
         } => {
             setup::setup(!toolchain_only)?;
             if bench {
                 setup::bench_peers()?;
+            }
+            if node {
+                setup::node_tools()?;
             }
             Ok(())
         }
@@ -231,5 +249,6 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(args) => bench(args),
         Cmd::Crds => kube::crds(),
         Cmd::Kind { keep } => kube::kind(keep),
+        Cmd::Node(cmd) => node::node(cmd),
     }
 }

@@ -212,8 +212,65 @@ pub fn kubernetes_tools() -> anyhow::Result<()> {
     }
     if crate::is_root() {
         run(Command::new("bash")
-            .arg(script("build-kube-apiserver.sh"))
-            .arg(&apiserver))?;
+            .arg(script("build-kubernetes.sh"))
+            .arg(&apiserver)
+            .arg("kube-apiserver"))?;
+    }
+    Ok(())
+}
+
+/// Debian packages the node fixture runs: the container runtime, CNI
+/// plugins, image tools, busybox and curl for the test image, iptables and
+/// conntrack for kube-proxy.
+const NODE_PACKAGES: [(&str, &str); 9] = [
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("umoci", "umoci"),
+    ("skopeo", "skopeo"),
+    ("/bin/busybox", "busybox-static"),
+    ("iptables", "iptables"),
+    ("conntrack", "conntrack"),
+    ("curl", "curl"),
+];
+
+/// What `cargo xtask node` and the node test need: the packages above and
+/// the Kubernetes node components, built once from Debian's sources beside
+/// the API server (~9 minutes on 2 cores the first time).
+pub fn node_tools() -> anyhow::Result<()> {
+    kubernetes_tools_user()?;
+    let missing: Vec<&str> = NODE_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| {
+            if cmd.starts_with('/') {
+                !std::path::Path::new(cmd).exists()
+            } else {
+                !have(cmd)
+            }
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        if !crate::is_root() {
+            bail!("the node fixture needs {missing:?}: run `sudo -E cargo xtask setup --node`");
+        }
+        println!("setup: installing Debian packages {missing:?} (node fixture)");
+        apt_install(&missing)?;
+    }
+    let dir = llm_egress_tests::kube_lab::apiserver_dir();
+    let components = llm_egress_tests::node_lab::COMPONENTS;
+    if components.iter().any(|c| !dir.join(c).exists()) || !have("etcd") {
+        if !crate::is_root() {
+            bail!("the node fixture needs the Kubernetes node components: run `sudo -E cargo xtask setup --node` once");
+        }
+        println!(
+            "setup: building the Kubernetes node components into {} (once; about 9 minutes)",
+            dir.display()
+        );
+        run(Command::new("bash")
+            .arg(script("build-kubernetes.sh"))
+            .arg(&dir)
+            .args(components))?;
     }
     Ok(())
 }
