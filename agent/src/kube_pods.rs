@@ -17,7 +17,7 @@ use kube::{
     runtime::{reflector::Store, watcher},
     Client, ResourceExt,
 };
-use llm_egress_mesh::kube_watch::{spawn_reflector, Watched};
+use llm_egress_config::kube_watch::{spawn_reflector, Watched};
 use tokio::sync::watch;
 
 use crate::registry::{RegistryError, WorkloadSource, WorkloadSpec};

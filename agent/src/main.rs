@@ -19,7 +19,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use llm_egress_mesh::{kube_watch, scope::Scope, source::ResourceSource};
+use llm_egress_config::{kube_watch, scope::Scope, source::ResourceSource};
 
 use crate::{
     config::{Config, FileConfig, Mode, Overrides, WorkloadsFrom},

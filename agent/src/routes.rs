@@ -1,12 +1,12 @@
 //! The capture side of LLMRoute: every accepted route's host is captured
-//! (`llm_egress_mesh::scope` decides, as in the gateway), and the
+//! (`llm_egress_config::scope` decides, as in the gateway), and the
 //! route's rule for gateway `mesh` names (in `providerHost`) the egress
 //! gateway its connections are tunnelled to. Read from the same resource
 //! files the gateway uses; re-read when they change.
 
 use std::{collections::BTreeMap, sync::RwLock};
 
-use llm_egress_mesh::{
+use llm_egress_config::{
     resources::{LlmRouteSpec, Problem, ResourceSet, Severity},
     scope::Scope,
     source::{ResourceSource, Stamp},

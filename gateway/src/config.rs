@@ -10,7 +10,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use llm_egress_mesh::{
+use llm_egress_config::{
     resources::{
         AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
         ResourceSet, Severity,
@@ -36,7 +36,7 @@ pub struct GatewayIdentity {
 }
 
 impl GatewayIdentity {
-    /// Which namespaces may publish what (see `llm_egress_mesh::scope`).
+    /// Which namespaces may publish what (see `llm_egress_config::scope`).
     pub fn scope(&self) -> Scope {
         Scope::new(
             [self.namespace.clone(), self.root_namespace.clone()]

@@ -9,22 +9,19 @@
 const FUZZ_ITERATIONS: usize = 2000;
 
 mod admin;
-mod authz;
 mod config;
-mod endpoint;
-mod jwt;
 mod limits;
 mod listener;
+mod llm;
 mod metrics;
 mod node_auth;
 mod passthrough;
 mod pipeline;
-mod provider;
+mod policy;
 mod route;
 mod secrets;
 mod sniff;
 mod upstream;
-mod usage;
 
 use std::{
     collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
@@ -32,11 +29,10 @@ use std::{
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use llm_egress_config::{crds, kube_watch, source::ResourceSource};
 use llm_egress_mesh::{
-    certs, crds,
+    certs,
     identity::SpiffeId,
-    kube_watch,
-    source::ResourceSource,
     tls::{self, Reloading, TlsFiles},
 };
 

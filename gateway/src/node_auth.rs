@@ -31,11 +31,8 @@ use kube::{
     runtime::{reflector::ObjectRef, watcher},
     Client,
 };
-use llm_egress_mesh::{
-    identity::SpiffeId,
-    kube_watch::{spawn_reflector_trimmed, Watched},
-    tunnel::WorkloadIdentity,
-};
+use llm_egress_config::kube_watch::{spawn_reflector_trimmed, Watched};
+use llm_egress_mesh::{identity::SpiffeId, tunnel::WorkloadIdentity};
 
 /// How long a TokenReview's answer is reused.
 const REVIEW_TTL: Duration = Duration::from_secs(60);

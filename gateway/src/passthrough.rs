@@ -8,9 +8,9 @@ use std::{sync::Arc, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::{
-    authz::{self, Attributes, Decision},
     metrics::PassthroughLabels,
     pipeline::{Gateway, Source},
+    policy::authz::{self, Attributes, Decision},
 };
 
 /// Longest wait for a provider to accept a passed-through connection.

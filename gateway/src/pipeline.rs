@@ -9,18 +9,18 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 
 use crate::{
-    authz::{self, Attributes, Decision},
     config::ConfigSource,
-    endpoint::{self, BodyKind, EndpointError},
-    jwt,
     limits::{self, BodyError, ClientDeadlines},
+    llm::endpoint::{self, BodyKind, EndpointError},
+    llm::provider::{self, BodyHeaders},
+    llm::usage::{Extractor, Outcome, TappedBody},
     metrics::{
         GenAiLabels, Metrics, RequestLabels, TokenDetailLabels, TokenUsageLabels, UpstreamErrorLabels,
     },
-    provider::{self, BodyHeaders},
+    policy::authz::{self, Attributes, Decision},
+    policy::jwt,
     route,
     upstream::{self, Upstream},
-    usage::{Extractor, Outcome, TappedBody},
 };
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;

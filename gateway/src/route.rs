@@ -4,7 +4,7 @@
 //! whose headers match) chooses a backend, by weight.
 
 use hyper::HeaderMap;
-use llm_egress_mesh::resources::{BackendRef, LlmRouteRule};
+use llm_egress_config::resources::{BackendRef, LlmRouteRule};
 
 use crate::config::{Compiled, Provider};
 
@@ -90,7 +90,7 @@ pub fn select<'a>(
 mod tests {
     use super::*;
     use crate::config::{compile, GatewayIdentity};
-    use llm_egress_mesh::resources::ResourceSet;
+    use llm_egress_config::resources::ResourceSet;
     use std::{collections::BTreeMap, path::Path};
 
     fn me() -> GatewayIdentity {

@@ -20,7 +20,7 @@ use hickory_proto::{
 };
 use k8s_openapi::api::core::v1::Service;
 use kube::{api::Api, runtime::watcher, Client, ResourceExt};
-use llm_egress_mesh::kube_watch::{spawn_reflector, Watched};
+use llm_egress_config::kube_watch::{spawn_reflector, Watched};
 
 #[derive(Parser)]
 #[command(about = "Cluster DNS for the llm-egress node fixture: Services' ClusterIPs, and aliases")]

@@ -11,7 +11,7 @@ use hyper::{
 
 use crate::{
     config::Provider,
-    endpoint::{Endpoint, Operation},
+    llm::endpoint::{Endpoint, Operation},
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -200,7 +200,7 @@ mod tests {
     }
 
     fn endpoint(method: hyper::Method, path: &str) -> Endpoint {
-        crate::endpoint::resolve(&method, path, None, &provider().path).unwrap()
+        crate::llm::endpoint::resolve(&method, path, None, &provider().path).unwrap()
     }
 
     fn chat() -> Endpoint {

@@ -5,7 +5,7 @@
 //! Value forms: exact, prefix `abc*`, suffix `*abc`, and `*` (present).
 
 use hyper::HeaderMap;
-use llm_egress_mesh::resources::{
+use llm_egress_config::resources::{
     Action, AuthorizationPolicySpec, Condition, Named, Operation, PolicyRule, Source,
 };
 
@@ -231,7 +231,7 @@ pub fn evaluate(policies: &[Named<AuthorizationPolicySpec>], a: &Attributes) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llm_egress_mesh::resources::{Meta, ResourceSet};
+    use llm_egress_config::resources::{Meta, ResourceSet};
     use std::path::{Path, PathBuf};
 
     fn policies(yaml: &str) -> Vec<Named<AuthorizationPolicySpec>> {
@@ -281,7 +281,7 @@ mod tests {
     /// (description, policies, attributes, expected allow)
     #[test]
     fn decision_table() {
-        let seed = policies(include_str!("../../deploy/examples/authpolicy.yaml"));
+        let seed = policies(include_str!("../../../deploy/examples/authpolicy.yaml"));
         let base = sleep();
         let none = vec![];
         let other_sa = Attributes {

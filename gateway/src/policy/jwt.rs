@@ -5,7 +5,7 @@
 
 use hyper::HeaderMap;
 use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
-use llm_egress_mesh::resources::{JwtRule, Named, RequestAuthenticationSpec};
+use llm_egress_config::resources::{JwtRule, Named, RequestAuthenticationSpec};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwtInfo {
@@ -113,7 +113,7 @@ pub fn authenticate(
 mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
-    use llm_egress_mesh::resources::{Meta, ResourceSet};
+    use llm_egress_config::resources::{Meta, ResourceSet};
     use std::path::Path;
 
     const SECRET_B64: &str = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY3ODkw";

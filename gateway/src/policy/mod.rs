@@ -1,0 +1,5 @@
+//! Who may do what: request authentication (JWT) and Istio
+//! AuthorizationPolicy evaluation, per workload identity.
+
+pub mod authz;
+pub mod jwt;
