@@ -12,6 +12,7 @@ const FUZZ_ITERATIONS: usize = 2000;
 
 pub mod crds;
 pub mod kube_watch;
+pub mod mesh_config;
 pub mod resources;
 pub mod scope;
 pub mod source;

@@ -177,10 +177,19 @@ pub struct AuthorizationPolicySpec {
     /// `None`: no rules at all (an ALLOW then matches nothing).
     #[serde(default)]
     pub rules: Option<Vec<PolicyRule>>,
+    /// The external authorizer of a CUSTOM policy: an `extensionProviders`
+    /// entry of the mesh config.
     #[serde(default)]
-    pub provider: Option<serde_yaml_ng::Value>,
+    pub provider: Option<ExtensionProviderRef>,
     #[serde(default)]
     pub target_ref: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionProviderRef {
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -687,8 +696,11 @@ impl ResourceSet {
         }
         for p in &self.policies {
             let s = &p.spec;
-            if s.action == Action::Custom || s.provider.is_some() {
-                err(&p.file, "AuthorizationPolicy", &p.meta, "spec.action".into(), "CUSTOM (external authorization) is not supported yet; remove the policy or use ALLOW/DENY".into());
+            match (&s.action, &s.provider) {
+                (Action::Custom, Some(r)) if !r.name.trim().is_empty() => {}
+                (Action::Custom, _) => err(&p.file, "AuthorizationPolicy", &p.meta, "spec.provider.name".into(), "a CUSTOM policy names its external authorizer (an extensionProviders entry of the mesh config)".into()),
+                (_, Some(_)) => err(&p.file, "AuthorizationPolicy", &p.meta, "spec.provider".into(), "only a CUSTOM policy names a provider; set action: CUSTOM or remove it".into()),
+                _ => {}
             }
             if s.target_ref.is_some() {
                 err(
@@ -935,10 +947,31 @@ mod tests {
     }
 
     #[test]
-    fn custom_action_and_ip_blocks_are_refused_not_ignored() {
+    fn custom_needs_a_provider_and_only_custom_has_one() {
+        let (set, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: CUSTOM\n  provider: {name: ext}\n  rules: [{to: [{operation: {paths: [/v1/*]}}]}]\n");
+        assert!(problems.is_empty(), "{problems:#?}");
+        assert_eq!(
+            set.policies[0].spec.provider.as_ref().map(|p| p.name.as_str()),
+            Some("ext")
+        );
+        let (_, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: CUSTOM\n  rules: [{}]\n");
+        assert_eq!(
+            problems[0].field.as_deref(),
+            Some("spec.provider.name"),
+            "{problems:#?}"
+        );
+        let (_, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: DENY\n  provider: {name: ext}\n  rules: [{}]\n");
+        assert_eq!(
+            problems[0].field.as_deref(),
+            Some("spec.provider"),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn ip_blocks_are_refused_not_ignored() {
         let (_, problems) = load("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: CUSTOM\n  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/8]}\n    when:\n    - key: source.ip\n      values: [x]\n");
         let fields: Vec<_> = problems.iter().filter_map(|p| p.field.clone()).collect();
-        assert!(fields.contains(&"spec.action".to_string()), "{fields:?}");
         assert!(
             fields.contains(&"spec.rules[0].from[0].source.ipBlocks".to_string()),
             "{fields:?}"

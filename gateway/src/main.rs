@@ -35,6 +35,7 @@ use llm_egress_mesh::{
     identity::SpiffeId,
     tls::{self, Reloading, TlsFiles},
 };
+use policy::{ext_authz::ExtAuthz, mesh_source::MeshConfigSource};
 
 use crate::{config::GatewayIdentity, metrics::ResultLabels};
 
@@ -97,6 +98,9 @@ struct IdentityArgs {
     /// Istio root namespace: its policies apply to every gateway.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Istio mesh config YAML (the `istio` ConfigMap's `mesh` key): its extensionProviders are the external authorizers CUSTOM policies name. With --kubernetes and without this flag, that ConfigMap in --root-namespace is watched.
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
     /// Another namespace trusted with LLMProviders, which hold keys (repeatable); the gateway's and the root namespace always are. Routes from other namespaces may only route to providers of these.
     #[arg(long = "trusted-namespace")]
     trusted_namespaces: Vec<String>,
@@ -260,8 +264,43 @@ fn main() -> ExitCode {
 }
 
 fn validate(args: ValidateArgs) -> ExitCode {
+    // The mesh config's extension providers, when given: CUSTOM policies
+    // must name one of them.
+    let providers = match &args.identity.mesh_config {
+        None => None,
+        Some(file) => match MeshConfigSource::File(file.clone()).load() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                println!("{}: {e}", file.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
     match config::load(&ResourceSource::Dir(args.dir), &identity(&args.identity, false)) {
         Ok((compiled, _)) => {
+            if let Some(providers) = &providers {
+                let unknown: Vec<String> = compiled
+                    .policies
+                    .iter()
+                    .filter_map(|p| {
+                        let name = &p.spec.provider.as_ref()?.name;
+                        (!providers.iter().any(|d| &d.name == name)).then(|| {
+                            format!(
+                                "{}: AuthorizationPolicy {}/{}: spec.provider.name: {name:?} is not an extensionProviders entry of the mesh config (requests it matches would be denied)",
+                                p.file.display(),
+                                p.meta.namespace(),
+                                p.meta.name
+                            )
+                        })
+                    })
+                    .collect();
+                if !unknown.is_empty() {
+                    for u in &unknown {
+                        println!("{u}");
+                    }
+                    return ExitCode::from(1);
+                }
+            }
             for w in &compiled.warnings {
                 println!("{w}");
             }
@@ -425,9 +464,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     let upstream_tls = upstream::client_tls(args.upstream_ca.as_deref())?;
     let resolver = upstream::Resolver::new(args.resolve.into_iter().collect());
+    let mesh = match (&args.identity.mesh_config, &kube_client) {
+        (Some(file), _) => MeshConfigSource::File(file.clone()),
+        (None, Some(client)) => MeshConfigSource::configmap(client.clone(), &args.identity.root_namespace),
+        (None, None) => MeshConfigSource::None,
+    };
+    let providers = mesh
+        .load()
+        .map_err(|e| anyhow::anyhow!("the mesh config ({}) is not valid: {e}", mesh.describe()))?;
+    let ext_authz = ExtAuthz::new(providers, resolver.clone());
+    tracing::info!(source = %mesh.describe(), providers = ?ext_authz.names(), "external authorizers");
     let gw = Arc::new(pipeline::Gateway {
         config: source.clone(),
-        upstream: upstream::Upstream::new(upstream_tls, resolver, Duration::from_secs(args.upstream_timeout)),
+        ext_authz: arc_swap::ArcSwap::from_pointee(ext_authz),
+        upstream: upstream::Upstream::new(
+            upstream_tls,
+            resolver.clone(),
+            Duration::from_secs(args.upstream_timeout),
+        ),
         metrics: metrics.clone(),
         max_body: args.max_request_body,
         max_upload: args.max_upload_body,
@@ -439,6 +493,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     });
     tokio::spawn(release_freed_memory());
+    if !matches!(mesh, MeshConfigSource::None) {
+        let seen = mesh.current_text();
+        tokio::spawn(mesh.follow(gw.clone(), resolver.clone(), seen));
+    }
     let m = metrics.clone();
     source.watch(Duration::from_secs(1), move |ok| {
         m.reloads

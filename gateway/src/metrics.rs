@@ -69,6 +69,12 @@ pub struct TunnelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExtAuthzLabels {
+    pub provider: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub stage: &'static str,
 }
@@ -94,6 +100,7 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub passthrough: Family<PassthroughLabels, Counter>,
     pub tunnel_streams: Family<TunnelLabels, Counter>,
+    pub ext_authz_checks: Family<ExtAuthzLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -132,6 +139,7 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let passthrough = Family::<PassthroughLabels, Counter>::default();
         let tunnel_streams = Family::<TunnelLabels, Counter>::default();
+        let ext_authz_checks = Family::<ExtAuthzLabels, Counter>::default();
         let client_timeouts = Family::<StageLabels, Counter>::default();
         let token_details = Family::<TokenDetailLabels, Counter>::default();
         registry.register(
@@ -192,6 +200,11 @@ impl Metrics {
             "Tunnel streams by peer kind (agent, workload) and outcome",
             tunnel_streams.clone(),
         );
+        registry.register(
+            "llm_egress_gateway_ext_authz_checks",
+            "CUSTOM authorization checks by provider and result (allow, deny, error, error_fail_open, unknown_provider)",
+            ext_authz_checks.clone(),
+        );
         Metrics {
             registry,
             token_details,
@@ -205,6 +218,7 @@ impl Metrics {
             upstream_errors,
             passthrough,
             tunnel_streams,
+            ext_authz_checks,
         }
     }
 

@@ -54,6 +54,14 @@ where
         port: Some(port),
         ..Default::default()
     };
+    // An HTTP authorizer cannot judge an opaque TLS stream: a CUSTOM policy
+    // that matches at L4 (as restrictively as a DENY) refuses it.
+    let custom = authz::custom_providers(&cfg.policies, &attrs);
+    if !custom.is_empty() {
+        tracing::info!(target: "access", entry = source.entry, principal, sni, providers = ?custom, "TLS passthrough refused: a CUSTOM policy applies and the stream cannot be checked");
+        count(&sni, "denied");
+        return;
+    }
     if let Decision::Deny(why) = authz::evaluate(&cfg.policies, &attrs) {
         tracing::info!(target: "access", entry = source.entry, principal, sni, reason = why, "TLS passthrough denied");
         count(&sni, "denied");

@@ -15,9 +15,11 @@ use crate::{
     llm::provider::{self, BodyHeaders},
     llm::usage::{Extractor, Outcome, TappedBody},
     metrics::{
-        GenAiLabels, Metrics, RequestLabels, TokenDetailLabels, TokenUsageLabels, UpstreamErrorLabels,
+        ExtAuthzLabels, GenAiLabels, Metrics, RequestLabels, TokenDetailLabels, TokenUsageLabels,
+        UpstreamErrorLabels,
     },
     policy::authz::{self, Attributes, Decision},
+    policy::ext_authz::{CheckInput, ExtAuthz, Verdict},
     policy::jwt,
     route,
     upstream::{self, Upstream},
@@ -28,6 +30,8 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 /// Shared by every entry and request.
 pub struct Gateway {
     pub config: Arc<ConfigSource>,
+    /// The mesh config's external authorizers (CUSTOM policies).
+    pub ext_authz: arc_swap::ArcSwap<ExtAuthz>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
@@ -64,6 +68,20 @@ fn local(status: StatusCode, text: &str) -> Response<Body> {
 }
 
 /// An error answer in OpenAI's shape, which SDKs parse and show.
+/// An authorizer's denial, passed through: its status, headers and body.
+fn authorizer_denial(
+    status: StatusCode,
+    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    body: Bytes,
+) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body).map_err(|e: Infallible| match e {}).boxed_unsync());
+    *resp.status_mut() = status;
+    for (name, value) in headers {
+        resp.headers_mut().append(name, value);
+    }
+    resp
+}
+
 fn openai_error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
     let text =
         serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}}).to_string();
@@ -205,7 +223,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let cfg = self.config.current();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let host = parts
             .headers
             .get(header::HOST)
@@ -260,6 +278,49 @@ impl Gateway {
             path: Some(&path),
             headers: Some(&parts.headers),
         };
+        // CUSTOM, then DENY, then ALLOW (Istio's order).
+        let mut from_authorizers = Vec::new();
+        let mut to_client = Vec::new();
+        let providers = authz::custom_providers(&cfg.policies, &attrs);
+        if !providers.is_empty() {
+            let ext_authz = self.ext_authz.load();
+            let path_and_query = parts.uri.path_and_query().map_or(path.as_str(), |p| p.as_str());
+            let input = CheckInput {
+                method: &parts.method,
+                host: &host,
+                path_and_query,
+                headers: &parts.headers,
+                principal: source.principal.as_deref(),
+            };
+            for name in providers {
+                let (verdict, outcome) = ext_authz.check(name, &input).await;
+                self.metrics
+                    .ext_authz_checks
+                    .get_or_create(&ExtAuthzLabels {
+                        provider: name.to_string(),
+                        result: outcome.label(),
+                    })
+                    .inc();
+                match verdict {
+                    Verdict::Allow {
+                        to_upstream,
+                        to_downstream,
+                    } => {
+                        from_authorizers.extend(to_upstream);
+                        to_client.extend(to_downstream);
+                    }
+                    Verdict::Deny {
+                        status,
+                        headers,
+                        body,
+                    } => {
+                        let reason = format!("CUSTOM provider {name}: {}", outcome.label());
+                        self.record(&access, status, started, None, &reason);
+                        return Ok(authorizer_denial(status, headers, body));
+                    }
+                }
+            }
+        }
         if let Decision::Deny(why) = authz::evaluate(&cfg.policies, &attrs) {
             return fail(&self, &access, StatusCode::FORBIDDEN, "RBAC: access denied", &why);
         }
@@ -349,6 +410,11 @@ impl Gateway {
                 )
             }
         };
+        // Headers an authorizer adds go up like the client's own: the
+        // provider's key still replaces any credential among them.
+        for (name, value) in from_authorizers {
+            parts.headers.insert(name, value);
+        }
         let headers = match provider::adapt_headers(&parts.headers, provider, body_headers) {
             Ok(h) => h,
             // Never echo the header: it would carry the key.
@@ -396,6 +462,9 @@ impl Gateway {
             "proxy-connection",
         ] {
             rparts.headers.remove(h);
+        }
+        for (name, value) in to_client {
+            rparts.headers.append(name, value);
         }
         let extractor = Extractor::for_content_type(
             rparts

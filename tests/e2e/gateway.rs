@@ -441,6 +441,49 @@ async fn a_reload_does_not_drop_a_request_in_flight() {
 }
 
 #[test]
+fn validate_checks_custom_policies_against_the_mesh_config() {
+    let gateway = llm_egress_tests::env::gateway_bin();
+    let example = examples_dir().join("ext-authz");
+    let validate = |mesh: &std::path::Path| {
+        let out = std::process::Command::new(&gateway)
+            .arg("validate")
+            .arg(example.join("policy"))
+            .arg("--mesh-config")
+            .arg(mesh)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = validate(&example.join("mesh.yaml"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("1 policy(ies)"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &other,
+        "extensionProviders:\n- name: another\n  envoyExtAuthzHttp: {service: a.b, port: 80}\n",
+    )
+    .unwrap();
+    let (code, text) = validate(&other);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("\"sample-ext-authz-http\" is not an extensionProviders entry"),
+        "{text}"
+    );
+    std::fs::write(
+        &other,
+        "extensionProviders:\n- name: x\n  envoyExtAuthzHttp: {service: a.b, port: 0}\n",
+    )
+    .unwrap();
+    let (code, text) = validate(&other);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("port must be a number"), "{text}");
+}
+
+#[test]
 fn validate_prints_every_problem_and_exits_1() {
     let gateway = llm_egress_tests::env::gateway_bin();
     let out = std::process::Command::new(&gateway)

@@ -91,7 +91,7 @@ fn source_matches(s: &Source, a: &Attributes, action: Action) -> bool {
     // At L4 there is no JWT: an ALLOW on request principals cannot match,
     // a DENY ignores them (Istio's "more restrictive" rule for TCP).
     let request_principal_ok = if a.is_l4() {
-        action == Action::Deny || (s.request_principals.is_none() && s.not_request_principals.is_none())
+        action != Action::Allow || (s.request_principals.is_none() && s.not_request_principals.is_none())
     } else {
         field(
             &s.request_principals,
@@ -110,7 +110,7 @@ fn operation_matches(o: &Operation, a: &Attributes, action: Action) -> bool {
     let l7_only =
         o.methods.is_some() || o.not_methods.is_some() || o.paths.is_some() || o.not_paths.is_some();
     let l7_ok = if a.is_l4() {
-        action == Action::Deny || !l7_only
+        action != Action::Allow || !l7_only
     } else {
         field(&o.methods, &o.not_methods, a.method, |p, v| p == "*" || p == v)
             && field(&o.paths, &o.not_paths, a.path, value_matches)
@@ -179,7 +179,7 @@ fn condition_values(key: &str, a: &Attributes) -> Option<Vec<String>> {
 fn condition_matches(c: &Condition, a: &Attributes, action: Action) -> bool {
     let l7_key = c.key.starts_with("request.");
     if a.is_l4() && l7_key {
-        return action == Action::Deny;
+        return action != Action::Allow;
     }
     let values = condition_values(&c.key, a);
     if let Some(vs) = &c.values {
@@ -206,7 +206,24 @@ fn policy_matches(p: &AuthorizationPolicySpec, a: &Attributes) -> bool {
     p.rules.iter().flatten().any(|r| rule_matches(r, a, p.action))
 }
 
-/// Decides a request against the policies that apply to this gateway.
+/// The external authorizers to ask, in policy order and once each: those
+/// named by the CUSTOM policies whose rules match the request (Istio asks
+/// them before any DENY or ALLOW policy).
+pub fn custom_providers<'p>(policies: &'p [Named<AuthorizationPolicySpec>], a: &Attributes) -> Vec<&'p str> {
+    let mut names: Vec<&str> = Vec::new();
+    for p in policies.iter().filter(|p| p.spec.action == Action::Custom) {
+        let Some(provider) = &p.spec.provider else {
+            continue;
+        };
+        if policy_matches(&p.spec, a) && !names.contains(&provider.name.as_str()) {
+            names.push(&provider.name);
+        }
+    }
+    names
+}
+
+/// Decides a request against the DENY and ALLOW policies that apply to
+/// this gateway (CUSTOM ones are `custom_providers`' business).
 pub fn evaluate(policies: &[Named<AuthorizationPolicySpec>], a: &Attributes) -> Decision {
     let name = |p: &Named<AuthorizationPolicySpec>| format!("{}/{}", p.meta.namespace(), p.meta.name);
     for p in policies.iter().filter(|p| p.spec.action == Action::Deny) {

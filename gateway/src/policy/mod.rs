@@ -1,5 +1,7 @@
-//! Who may do what: request authentication (JWT) and Istio
-//! AuthorizationPolicy evaluation, per workload identity.
+//! Who may do what: request authentication (JWT), external authorizers
+//! (CUSTOM) and Istio AuthorizationPolicy evaluation, per workload identity.
 
 pub mod authz;
+pub mod ext_authz;
 pub mod jwt;
+pub mod mesh_source;

@@ -1,0 +1,300 @@
+//! CUSTOM authorization with Istio's shapes: an `AuthorizationPolicy` with
+//! `action: CUSTOM` names an `envoyExtAuthzHttp` provider of the mesh
+//! config, and a real HTTP authorizer (Envoy's protocol, Istio's sample
+//! semantics) decides. Real gateway, real tunnel, real provider.
+
+use std::{path::PathBuf, time::Duration};
+
+use hyper::{HeaderMap, StatusCode};
+use llm_egress_tests::{
+    env,
+    gateway_lab::*,
+    process::{eventually, Daemon, Place},
+};
+use serde_json::Value;
+
+const AUTHZ_HOST: &str = "ext-authz.foo.svc.cluster.local";
+const AUTHZ_PORT: u16 = 8000;
+
+/// The policy of Istio's ext-authz task, for the seed's workload only.
+const CUSTOM_POLICY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: istio-system}
+spec:
+  selector:
+    matchLabels: {istio: egressgateway}
+  action: CUSTOM
+  provider: {name: sample-ext-authz-http}
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/default/sa/sleep"]}
+"#;
+
+fn mesh_config(fail_open: bool, timeout: &str) -> String {
+    format!(
+        r#"extensionProviders:
+- name: sample-ext-authz-http
+  envoyExtAuthzHttp:
+    service: foo/{AUTHZ_HOST}
+    port: "{AUTHZ_PORT}"
+    timeout: {timeout}
+    pathPrefix: /check
+    failOpen: {fail_open}
+    statusOnError: "503"
+    includeRequestHeadersInCheck: ["x-ext-authz"]
+    headersToUpstreamOnAllow: ["x-ext-authz-check-result"]
+    headersToDownstreamOnDeny: ["x-ext-authz-check-result", "content-type"]
+    headersToDownstreamOnAllow: ["x-ext-authz-audit"]
+"#
+    )
+}
+
+struct Authorizer {
+    daemon: Option<Daemon>,
+    log: PathBuf,
+}
+
+impl Authorizer {
+    fn start(lab: &GatewayLab, delay_ms: u64) -> Authorizer {
+        let log = lab.dir.path().join("authz.jsonl");
+        let daemon = Daemon::start(
+            "authorizer",
+            &Place::default(),
+            &env::tests_bin("llm-egress-test-authorizer"),
+            &[
+                "--listen".into(),
+                format!("{}:{AUTHZ_PORT}", lab.ip),
+                "--log".into(),
+                log.display().to_string(),
+                "--delay-ms".into(),
+                delay_ms.to_string(),
+            ],
+            lab.dir.path(),
+        );
+        Authorizer {
+            daemon: Some(daemon),
+            log,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+    }
+
+    fn checks(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// The seed's request as `sa`, with extra headers; status, headers, body.
+async fn call(lab: &GatewayLab, sa: &str, extra: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+    let stream = lab
+        .tunnel_client("agent")
+        .connect(&format!("{}:80", lab.ip), &identity("default", sa))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    let mut req = seed_request(SEED_BODY);
+    for (k, v) in extra {
+        req.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let resp = http.send_request(req).await.expect("response");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (status, headers, body_text(resp).await)
+}
+
+fn lab_with_authorizer(mesh: &str) -> GatewayLab {
+    let mut lab = GatewayLab::new();
+    let file = lab.dir.path().join("mesh.yaml");
+    write_atomically(&file, mesh);
+    lab.extra_args.extend([
+        "--mesh-config".into(),
+        file.display().to_string(),
+        "--resolve".into(),
+        format!("{AUTHZ_HOST}={}", lab.ip),
+    ]);
+    lab.restart_gateway();
+    lab.apply("custom.yaml", CUSTOM_POLICY);
+    lab
+}
+
+/// Waits until the CUSTOM policy is in force (the authorizer denies).
+async fn until_custom_applies(lab: &GatewayLab) {
+    eventually("the CUSTOM policy to apply", Duration::from_secs(10), || async {
+        let (s, _, b) = call(lab, "sleep", &[]).await;
+        (s == StatusCode::FORBIDDEN)
+            .then_some(())
+            .ok_or(format!("{s} {b}"))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_policy_asks_the_http_authorizer_and_passes_its_answers_through() {
+    let lab = lab_with_authorizer(&mesh_config(false, "2s"));
+    let authorizer = Authorizer::start(&lab, 0);
+    until_custom_applies(&lab).await;
+
+    // Deny: the authorizer's status, body and selected headers reach the client.
+    let (status, headers, body) = call(&lab, "sleep", &[("x-ext-authz", "deny")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body,
+        "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+    );
+    assert_eq!(headers["x-ext-authz-check-result"], "denied");
+    assert!(
+        headers.get("x-ext-authz-audit").is_none(),
+        "not in headersToDownstreamOnDeny"
+    );
+    let provider_before = lab.provider_requests().len();
+
+    // Allow: the completion, with the authorizer's headers upstream and downstream.
+    let (status, headers, body) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"choices\""), "{body}");
+    assert_eq!(headers["x-ext-authz-audit"], "checked");
+    let provider = lab.provider_requests();
+    assert_eq!(
+        provider.len(),
+        provider_before + 1,
+        "denied requests never reach the provider"
+    );
+    let last = provider.last().unwrap();
+    assert_eq!(last["headers"]["x-ext-authz-check-result"], "allowed");
+    assert_eq!(
+        last["authorized"], true,
+        "the provider key still replaces the client's credentials"
+    );
+
+    // The check: the original method and path under pathPrefix, the selected
+    // header, and the workload's identity — never the client's claim of one.
+    let checks = authorizer.checks();
+    let check = checks.last().unwrap();
+    assert_eq!(check["method"], "POST");
+    assert_eq!(check["path"], "/check/");
+    assert_eq!(check["headers"]["x-ext-authz"], "allow");
+    assert_eq!(
+        check["headers"]["x-forwarded-client-cert"],
+        "URI=spiffe://cluster.local/ns/default/sa/sleep"
+    );
+    assert_eq!(check["bodyBytes"], 0);
+
+    // Not matched by the CUSTOM rule: the authorizer is not asked.
+    let before = authorizer.checks().len();
+    let (status, _, _) = call(&lab, "other", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        authorizer.checks().len(),
+        before,
+        "the authorizer was asked about a request the rule does not match"
+    );
+
+    // DENY still wins after a CUSTOM allow.
+    lab.apply(
+        "authpolicy.yaml",
+        &std::fs::read_to_string(examples_dir().join("authpolicy.yaml")).unwrap(),
+    );
+    eventually(
+        "the DENY policy after the CUSTOM allow",
+        Duration::from_secs(10),
+        || async {
+            let (s, _, b) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+            (b == "RBAC: access denied")
+                .then_some(())
+                .ok_or(format!("{s} {b}"))
+        },
+    )
+    .await;
+    // With the DENY in force, the authorizer is still asked first.
+    let before = authorizer.checks().len();
+    let (_, _, body) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+    assert_eq!(body, "RBAC: access denied");
+    assert_eq!(
+        authorizer.checks().len(),
+        before + 1,
+        "CUSTOM is asked before DENY"
+    );
+    let metrics = lab.admin_get("/metrics").await;
+    for result in ["allow", "deny"] {
+        assert!(
+            series_value(
+                &metrics,
+                "llm_egress_gateway_ext_authz_checks_total",
+                &[("provider", "sample-ext-authz-http"), ("result", result)]
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_authorizer_that_is_down_or_late_fails_closed_unless_fail_open() {
+    let lab = lab_with_authorizer(&mesh_config(false, "300ms"));
+    // Late: answers after the timeout.
+    let mut authorizer = Authorizer::start(&lab, 2000);
+    eventually(
+        "a late authorizer to give statusOnError",
+        Duration::from_secs(10),
+        || async {
+            let (s, _, b) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+            (s == StatusCode::SERVICE_UNAVAILABLE)
+                .then_some(())
+                .ok_or(format!("{s} {b}"))
+        },
+    )
+    .await;
+    assert!(!authorizer.checks().is_empty(), "the late authorizer was asked");
+    authorizer.stop();
+    // Down: statusOnError, and nothing reaches the provider.
+    let provider_before = lab.provider_requests().len();
+    let (status, _, body) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(lab.provider_requests().len(), provider_before);
+
+    // failOpen: the mesh config changes while running; down lets requests through.
+    write_atomically(&lab.dir.path().join("mesh.yaml"), &mesh_config(true, "300ms"));
+    eventually("failOpen to apply", Duration::from_secs(10), || async {
+        let (s, _, b) = call(&lab, "sleep", &[]).await;
+        (s == StatusCode::OK).then_some(()).ok_or(format!("{s} {b}"))
+    })
+    .await;
+    let metrics = lab.admin_get("/metrics").await;
+    for result in ["error", "error_fail_open"] {
+        assert!(
+            series_value(
+                &metrics,
+                "llm_egress_gateway_ext_authz_checks_total",
+                &[("provider", "sample-ext-authz-http"), ("result", result)]
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+            "{result}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_policy_naming_an_unknown_provider_denies_what_it_matches() {
+    let lab = lab_with_authorizer("extensionProviders: []\n");
+    until_custom_applies(&lab).await;
+    let (status, _, _) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = call(&lab, "other", &[]).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "only what the CUSTOM rule matches is denied"
+    );
+}
