@@ -15,6 +15,7 @@ use serde_json::Value;
 
 const AUTHZ_HOST: &str = "ext-authz.foo.svc.cluster.local";
 const AUTHZ_PORT: u16 = 8000;
+const AUTHZ_GRPC_PORT: u16 = 9000;
 
 /// The policy of Istio's ext-authz task, for the seed's workload only.
 const CUSTOM_POLICY: &str = r#"apiVersion: security.istio.io/v1
@@ -57,6 +58,7 @@ struct Authorizer {
 impl Authorizer {
     fn start(lab: &GatewayLab, delay_ms: u64) -> Authorizer {
         let log = lab.dir.path().join("authz.jsonl");
+        let grpc = format!("{}:{AUTHZ_GRPC_PORT}", lab.ip);
         let daemon = Daemon::start(
             "authorizer",
             &Place::default(),
@@ -68,6 +70,8 @@ impl Authorizer {
                 log.display().to_string(),
                 "--delay-ms".into(),
                 delay_ms.to_string(),
+                "--grpc-listen".into(),
+                grpc,
             ],
             lab.dir.path(),
         );
@@ -113,6 +117,10 @@ async fn call(lab: &GatewayLab, sa: &str, extra: &[(&str, &str)]) -> (StatusCode
 }
 
 fn lab_with_authorizer(mesh: &str) -> GatewayLab {
+    lab_with_policy(mesh, CUSTOM_POLICY)
+}
+
+fn lab_with_policy(mesh: &str, policy: &str) -> GatewayLab {
     let mut lab = GatewayLab::new();
     let file = lab.dir.path().join("mesh.yaml");
     write_atomically(&file, mesh);
@@ -123,7 +131,7 @@ fn lab_with_authorizer(mesh: &str) -> GatewayLab {
         format!("{AUTHZ_HOST}={}", lab.ip),
     ]);
     lab.restart_gateway();
-    lab.apply("custom.yaml", CUSTOM_POLICY);
+    lab.apply("custom.yaml", policy);
     lab
 }
 
@@ -296,5 +304,58 @@ async fn a_custom_policy_naming_an_unknown_provider_denies_what_it_matches() {
         status,
         StatusCode::OK,
         "only what the CUSTOM rule matches is denied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_policy_asks_a_grpc_authorizer_with_envoys_check_api() {
+    let mesh = format!(
+        "extensionProviders:\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc:\n    service: {AUTHZ_HOST}\n    port: \"{AUTHZ_GRPC_PORT}\"\n    timeout: 2s\n    statusOnError: \"502\"\n"
+    );
+    let lab = lab_with_policy(
+        &mesh,
+        &CUSTOM_POLICY.replace("sample-ext-authz-http", "sample-ext-authz-grpc"),
+    );
+    let mut authorizer = Authorizer::start(&lab, 0);
+    until_custom_applies(&lab).await;
+
+    let (status, headers, body) = call(&lab, "sleep", &[("x-ext-authz", "deny")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body,
+        "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+    );
+    assert_eq!(headers["x-ext-authz-check-result"], "denied");
+
+    let (status, headers, body) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["x-ext-authz-audit"], "checked");
+    let last = lab.provider_requests().pop().unwrap();
+    assert_eq!(last["headers"]["x-ext-authz-check-result"], "allowed");
+    assert_eq!(last["authorized"], true);
+
+    let checks = authorizer.checks();
+    let check = checks.last().unwrap();
+    assert_eq!(check["protocol"], "grpc");
+    assert_eq!(check["method"], "POST");
+    assert_eq!(check["path"], "/");
+    assert_eq!(check["host"], "dashscope.aliyuncs.com");
+    assert_eq!(check["principal"], "spiffe://cluster.local/ns/default/sa/sleep");
+    assert!(check["headers"].get("x-forwarded-client-cert").is_none());
+
+    let before = authorizer.checks().len();
+    assert_eq!(call(&lab, "other", &[]).await.0, StatusCode::OK);
+    assert_eq!(
+        authorizer.checks().len(),
+        before,
+        "not asked when the rule does not match"
+    );
+
+    authorizer.stop();
+    let (status, _, _) = call(&lab, "sleep", &[("x-ext-authz", "allow")]).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "statusOnError when the gRPC authorizer is down"
     );
 }

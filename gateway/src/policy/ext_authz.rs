@@ -15,10 +15,20 @@
 //! (all its headers when that is empty). When the authorizer cannot be
 //! reached or answers too late: allowed if `failOpen`, else
 //! `statusOnError`.
+//!
+//! `envoyExtAuthzGrpc` providers get Envoy's `Authorization/Check` gRPC
+//! call (types from `envoy-types`): the request's method, path, host and
+//! headers, and the workload's SPIFFE ID as the source peer's principal.
+//! An OK status allows (the OK response's headers go to the provider, its
+//! response headers to the client); a denial's status, headers and body go
+//! to the client.
 
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
+use envoy_types::pb::envoy::service::auth::v3::{
+    self as auth, attribute_context, authorization_client::AuthorizationClient, check_response,
+};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     header::{HeaderName, HeaderValue},
@@ -100,21 +110,38 @@ impl Outcome {
 }
 
 type HttpClient = Client<HttpConnector<Resolver>, Full<Bytes>>;
+type GrpcClient = AuthorizationClient<tonic::transport::Channel>;
 
 /// The configured authorizers, by provider name.
 pub struct ExtAuthz {
     providers: HashMap<String, ExtAuthzProvider>,
     client: HttpClient,
+    /// One lazily connected HTTP/2 channel per gRPC provider.
+    grpc: HashMap<String, GrpcClient>,
 }
 
 impl ExtAuthz {
     pub fn new(providers: Vec<ExtAuthzProvider>, resolver: Resolver) -> ExtAuthz {
-        let mut http = HttpConnector::new_with_resolver(resolver);
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.set_connect_timeout(Some(Duration::from_secs(5)));
         http.set_nodelay(true);
+        let mut grpc = HashMap::new();
+        for p in providers.iter().filter(|p| p.protocol == ExtAuthzProtocol::Grpc) {
+            let Ok(endpoint) =
+                tonic::transport::Endpoint::from_shared(format!("http://{}:{}", p.service, p.port))
+            else {
+                continue;
+            };
+            let mut connector = HttpConnector::new_with_resolver(resolver.clone());
+            connector.set_connect_timeout(Some(Duration::from_secs(5)));
+            connector.set_nodelay(true);
+            let channel = endpoint.connect_with_connector_lazy(connector);
+            grpc.insert(p.name.clone(), AuthorizationClient::new(channel));
+        }
         ExtAuthz {
             providers: providers.into_iter().map(|p| (p.name.clone(), p)).collect(),
             client: Client::builder(TokioExecutor::new()).build(http),
+            grpc,
         }
     }
 
@@ -133,7 +160,7 @@ impl ExtAuthz {
         };
         let settings = match &provider.protocol {
             ExtAuthzProtocol::Http(s) => s,
-            ExtAuthzProtocol::Grpc => return on_error(provider),
+            ExtAuthzProtocol::Grpc => return self.check_grpc(provider, input).await,
         };
         let request = match check_request(provider, settings, input) {
             Some(r) => r,
@@ -169,6 +196,121 @@ impl ExtAuthz {
                 Outcome::Denied,
             )
         }
+    }
+}
+
+impl ExtAuthz {
+    async fn check_grpc(&self, provider: &ExtAuthzProvider, input: &CheckInput<'_>) -> (Verdict, Outcome) {
+        let Some(client) = self.grpc.get(&provider.name) else {
+            return on_error(provider);
+        };
+        let mut client = client.clone();
+        let request = grpc_check_request(input);
+        let answer = tokio::time::timeout(provider.timeout, client.check(request)).await;
+        let Ok(Ok(answer)) = answer else {
+            return on_error(provider);
+        };
+        grpc_verdict(answer.into_inner())
+    }
+}
+
+/// The `CheckRequest` Envoy would send for `input`.
+fn grpc_check_request(input: &CheckInput) -> auth::CheckRequest {
+    let mut headers = HashMap::new();
+    for (name, value) in input.headers {
+        if NEVER_COPIED.contains(&name.as_str()) {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            headers
+                .entry(name.as_str().to_string())
+                .and_modify(|all: &mut String| {
+                    all.push(',');
+                    all.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    auth::CheckRequest {
+        attributes: Some(auth::AttributeContext {
+            source: Some(attribute_context::Peer {
+                principal: input
+                    .principal
+                    .map(|p| format!("spiffe://{p}"))
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: input.method.to_string(),
+                    headers,
+                    path: input.path_and_query.to_string(),
+                    host: input.host.to_string(),
+                    scheme: "http".into(),
+                    protocol: "HTTP/1.1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Header options of an answer, as (name, value) pairs that are valid HTTP.
+fn header_options(
+    options: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption],
+) -> Vec<(HeaderName, HeaderValue)> {
+    options
+        .iter()
+        .filter_map(|o| o.header.as_ref())
+        .filter_map(|h| {
+            let name = HeaderName::from_bytes(h.key.as_bytes()).ok()?;
+            let value = if h.raw_value.is_empty() {
+                HeaderValue::from_str(&h.value).ok()?
+            } else {
+                HeaderValue::from_bytes(&h.raw_value).ok()?
+            };
+            (!NEVER_COPIED.contains(&name.as_str())).then_some((name, value))
+        })
+        .collect()
+}
+
+/// Allow when the status is OK (gRPC code 0), else deny as the answer says.
+fn grpc_verdict(answer: auth::CheckResponse) -> (Verdict, Outcome) {
+    let ok = answer.status.as_ref().is_some_and(|s| s.code == 0);
+    match (ok, answer.http_response) {
+        (true, Some(check_response::HttpResponse::OkResponse(r))) => (
+            Verdict::Allow {
+                to_upstream: header_options(&r.headers),
+                to_downstream: header_options(&r.response_headers_to_add),
+            },
+            Outcome::Allowed,
+        ),
+        (true, _) => (
+            Verdict::Allow {
+                to_upstream: Vec::new(),
+                to_downstream: Vec::new(),
+            },
+            Outcome::Allowed,
+        ),
+        (false, Some(check_response::HttpResponse::DeniedResponse(d))) => {
+            let status = d
+                .status
+                .and_then(|s| u16::try_from(s.code).ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .filter(|c| !c.is_success() && !c.is_informational())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            (
+                Verdict::Deny {
+                    status,
+                    headers: header_options(&d.headers),
+                    body: Bytes::from(d.body),
+                },
+                Outcome::Denied,
+            )
+        }
+        (false, _) => (deny_empty(StatusCode::FORBIDDEN), Outcome::Denied),
     }
 }
 

@@ -1,5 +1,6 @@
-//! An external authorizer speaking Envoy's HTTP authorization protocol,
-//! as Istio's `ext-authz` sample does: a check carrying
+//! An external authorizer speaking Envoy's HTTP authorization protocol and
+//! its gRPC one (`envoy.service.auth.v3.Authorization/Check`, with
+//! `--grpc-listen`), as Istio's `ext-authz` sample does: a check carrying
 //! `x-ext-authz: allow` is allowed (200, `x-ext-authz-check-result:
 //! allowed`); any other is denied (403, `x-ext-authz-check-result: denied`,
 //! and a body saying why). Each check is logged as one JSON line (method,
@@ -9,6 +10,7 @@ use std::{convert::Infallible, io::Write, net::SocketAddr, path::PathBuf, sync::
 
 use bytes::Bytes;
 use clap::Parser;
+use envoy_types::ext_authz::v3::pb;
 use http_body_util::{BodyExt, Full};
 use hyper::{server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -25,18 +27,115 @@ struct Args {
     /// Answer each check this late, in milliseconds (to test timeouts).
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Also answer Envoy's gRPC Check here.
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+}
+
+type Log = Arc<std::sync::Mutex<std::fs::File>>;
+
+fn record(log: &Log, value: serde_json::Value) {
+    if let Ok(mut f) = log.lock() {
+        let _ = writeln!(f, "{value}");
+    }
+}
+
+struct GrpcAuthorizer {
+    log: Log,
+    delay: Duration,
+}
+
+fn header(key: &str, value: &str) -> pb::HeaderValueOption {
+    pb::HeaderValueOption {
+        header: Some(pb::HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::Authorization for GrpcAuthorizer {
+    async fn check(
+        &self,
+        request: tonic::Request<pb::CheckRequest>,
+    ) -> Result<tonic::Response<pb::CheckResponse>, tonic::Status> {
+        let check = request.into_inner();
+        let attributes = check.attributes.unwrap_or_default();
+        let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+        let principal = attributes.source.map(|s| s.principal).unwrap_or_default();
+        record(
+            &self.log,
+            serde_json::json!({
+                "protocol": "grpc",
+                "method": http.method,
+                "path": http.path,
+                "host": http.host,
+                "headers": http.headers,
+                "principal": principal,
+            }),
+        );
+        tokio::time::sleep(self.delay).await;
+        let allow = http.headers.get("x-ext-authz").is_some_and(|v| v == "allow");
+        let response = if allow {
+            pb::CheckResponse {
+                status: Some(envoy_types::pb::google::rpc::Status {
+                    code: 0,
+                    ..Default::default()
+                }),
+                http_response: Some(pb::HttpResponse::OkResponse(pb::OkHttpResponse {
+                    headers: vec![header("x-ext-authz-check-result", "allowed")],
+                    response_headers_to_add: vec![header("x-ext-authz-audit", "checked")],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }
+        } else {
+            pb::CheckResponse {
+                // PERMISSION_DENIED
+                status: Some(envoy_types::pb::google::rpc::Status {
+                    code: 7,
+                    ..Default::default()
+                }),
+                http_response: Some(pb::HttpResponse::DeniedResponse(pb::DeniedHttpResponse {
+                    status: Some(pb::HttpStatus {
+                        code: pb::HttpStatusCode::Forbidden as i32,
+                    }),
+                    headers: vec![header("x-ext-authz-check-result", "denied")],
+                    body: "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+                        .into(),
+                })),
+                ..Default::default()
+            }
+        };
+        Ok(tonic::Response::new(response))
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let log = Arc::new(std::sync::Mutex::new(
+    let log: Log = Arc::new(std::sync::Mutex::new(
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&args.log)?,
     ));
     let delay = Duration::from_millis(args.delay_ms);
+    if let Some(addr) = args.grpc_listen {
+        let service = pb::AuthorizationServer::new(GrpcAuthorizer {
+            log: log.clone(),
+            delay,
+        });
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening");
     loop {
@@ -58,9 +157,7 @@ async fn main() -> anyhow::Result<()> {
                         "headers": headers,
                         "bodyBytes": body.len(),
                     });
-                    if let Ok(mut f) = log.lock() {
-                        let _ = writeln!(f, "{record}");
-                    }
+                    crate::record(&log, record);
                     tokio::time::sleep(delay).await;
                     let allow = parts.headers.get("x-ext-authz").is_some_and(|v| v == "allow");
                     let resp = if allow {
