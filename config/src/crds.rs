@@ -74,23 +74,38 @@ fn crd(kind: &WatchedKind, short_names: &[&str], spec_schema: Value, columns: Va
                 "categories": ["llm-egress"],
             },
             "scope": "Namespaced",
-            "versions": [{
-                "name": kind.version,
-                "served": true,
-                "storage": true,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {
-                        "spec": spec_schema,
-                        "status": status_schema(),
-                    },
-                }},
-            }],
+            "versions": std::iter::once(kind.version)
+                .chain(also_served(kind).iter().copied())
+                .map(|version| json!({
+                    "name": version,
+                    "served": true,
+                    "storage": version == kind.version,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": {
+                        "type": "object",
+                        "required": ["spec"],
+                        "properties": {
+                            "spec": spec_schema,
+                            "status": status_schema(),
+                        },
+                    }},
+                }))
+                .collect::<Vec<_>>(),
         },
     })
+}
+
+/// Other versions Istio serves of its kinds (same schema, so the API server
+/// converts by rewriting apiVersion): manifests written for Istio 1.22+
+/// (`security.istio.io/v1`, `networking.istio.io/v1`) or older
+/// (`networking.istio.io/v1alpha3`) apply unchanged.
+fn also_served(kind: &WatchedKind) -> &'static [&'static str] {
+    match kind.group {
+        "security.istio.io" => &["v1"],
+        "networking.istio.io" => &["v1alpha3", "v1"],
+        _ => &[],
+    }
 }
 
 fn accepted_column() -> Value {
@@ -180,6 +195,13 @@ mod tests {
         assert_eq!(all.len(), 5);
         for c in &all {
             assert_eq!(c["spec"]["versions"][0]["subresources"]["status"], json!({}));
+            let storage: Vec<_> = c["spec"]["versions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["storage"] == true)
+                .collect();
+            assert_eq!(storage.len(), 1, "exactly one storage version: {c}");
         }
         assert!(all_yaml().unwrap().contains("llmroutes.istio.alibabacloud.com"));
     }

@@ -9,6 +9,7 @@ use hyper::{HeaderMap, StatusCode};
 use llm_egress_tests::{
     env,
     gateway_lab::*,
+    kube_lab::{install_basics, lax_crds, ApiServer, User},
     process::{eventually, Daemon, Place},
 };
 use serde_json::Value;
@@ -358,4 +359,55 @@ async fn custom_policy_asks_a_grpc_authorizer_with_envoys_check_api() {
         StatusCode::BAD_GATEWAY,
         "statusOnError when the gRPC authorizer is down"
     );
+}
+
+/// On Kubernetes the providers come from where Istio keeps them: the
+/// `istio` ConfigMap's `mesh` key in the root namespace, read with the
+/// chart's RBAC, and followed when it changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_kubernetes_the_providers_come_from_istios_configmap() {
+    let host = Place::default();
+    let api = ApiServer::start(&host);
+    install_basics(&api, &host, &lax_crds());
+    let mut lab = GatewayLab::with_kubernetes(api.kubeconfig(User::Gateway));
+    api.apply_seed_with_key(&host, &lab.api_key);
+    let configmap = |mesh: &str| {
+        let indented: String = mesh.lines().map(|l| format!("    {l}\n")).collect();
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n{indented}")
+    };
+    api.apply_ok(&host, &configmap(&mesh_config(false, "1s")));
+    lab.extra_args
+        .extend(["--resolve".into(), format!("{AUTHZ_HOST}={}", lab.ip)]);
+    lab.restart_gateway();
+    api.apply_ok(&host, CUSTOM_POLICY);
+    let mut authorizer = Authorizer::start(&lab, 0);
+    eventually(
+        "the CUSTOM policy from the API, with the ConfigMap's provider",
+        Duration::from_secs(30),
+        || async {
+            let (s, h, b) = call(&lab, "sleep", &[("x-ext-authz", "deny")]).await;
+            (s == StatusCode::FORBIDDEN && h.get("x-ext-authz-check-result").is_some())
+                .then_some(())
+                .ok_or(format!("{s} {b}"))
+        },
+    )
+    .await;
+    assert_eq!(
+        call(&lab, "sleep", &[("x-ext-authz", "allow")]).await.0,
+        StatusCode::OK
+    );
+    assert!(!authorizer.checks().is_empty());
+
+    // The ConfigMap changes: failOpen, and the authorizer goes away.
+    authorizer.stop();
+    api.apply_ok(&host, &configmap(&mesh_config(true, "1s")));
+    eventually(
+        "failOpen from the changed ConfigMap",
+        Duration::from_secs(30),
+        || async {
+            let (s, _, b) = call(&lab, "sleep", &[]).await;
+            (s == StatusCode::OK).then_some(()).ok_or(format!("{s} {b}"))
+        },
+    )
+    .await;
 }

@@ -492,6 +492,10 @@ fn chart_rbac_grants_the_agent_and_gateway_only_what_they_use() {
             false,
         ),
         (agent, "patch", "pods", "default", false),
+        // The mesh config (CUSTOM providers), by name, in the root namespace only.
+        (gateway, "watch", "configmaps/istio", "istio-system", true),
+        (gateway, "get", "configmaps/other", "istio-system", false),
+        (gateway, "get", "configmaps", "default", false),
         (
             gateway,
             "watch",
