@@ -294,13 +294,32 @@ pub struct JwtRule {
     /// Inline JWKS document (JSON).
     #[serde(default)]
     pub jwks: Option<String>,
-    /// `file://` path to a JWKS document (remote URIs are not fetched yet).
+    /// Where the issuer publishes its keys: `https://` (or `http://`),
+    /// fetched and refreshed by the gateway, or a `file://` path.
     #[serde(default)]
     pub jwks_uri: Option<String>,
+    /// Headers the token may come in (default `Authorization: Bearer`).
     #[serde(default)]
     pub from_headers: Vec<JwtHeader>,
+    /// Query parameters the token may come in.
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    /// Keep the token's header on the request to the provider (default: removed).
     #[serde(default)]
     pub forward_original_token: bool,
+    /// Send the verified payload (base64url JSON) to the provider in this header.
+    #[serde(default)]
+    pub output_payload_to_header: Option<String>,
+    /// Send claims of the verified token to the provider in headers.
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -309,6 +328,20 @@ pub struct JwtHeader {
     pub name: String,
     #[serde(default)]
     pub prefix: Option<String>,
+}
+
+fn jwks_uri_ok(uri: &str) -> bool {
+    ["https://", "http://", "file://"]
+        .iter()
+        .any(|scheme| uri.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty()))
+}
+
+/// An HTTP header name (RFC 9110 token characters).
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 // ---------- Gateway ----------
@@ -782,16 +815,52 @@ impl ResourceSet {
                         "RequestAuthentication",
                         &a.meta,
                         format!("spec.jwtRules[{i}].jwks"),
-                        "give jwks (inline) or jwksUri (file://)".into(),
+                        "give jwks (inline) or jwksUri (https://, http:// or file://)".into(),
                     ),
-                    (None, Some(uri)) if !uri.starts_with("file://") => err(
+                    (None, Some(uri)) if !jwks_uri_ok(uri) => err(
                         &a.file,
                         "RequestAuthentication",
                         &a.meta,
                         format!("spec.jwtRules[{i}].jwksUri"),
-                        "only file:// URIs are supported; inline the keys with jwks".into(),
+                        "expected an https://, http:// or file:// URI".into(),
                     ),
                     _ => {}
+                }
+                let header_names = r
+                    .from_headers
+                    .iter()
+                    .map(|h| (format!("fromHeaders {:?}", h.name), h.name.as_str()))
+                    .chain(
+                        r.output_payload_to_header
+                            .iter()
+                            .map(|h| (format!("outputPayloadToHeader {h:?}"), h.as_str())),
+                    )
+                    .chain(
+                        r.output_claim_to_headers
+                            .iter()
+                            .map(|c| (format!("outputClaimToHeaders {:?}", c.header), c.header.as_str())),
+                    );
+                for (what, name) in header_names {
+                    if !valid_header_name(name) {
+                        err(
+                            &a.file,
+                            "RequestAuthentication",
+                            &a.meta,
+                            format!("spec.jwtRules[{i}]"),
+                            format!("{what} is not a valid HTTP header name"),
+                        );
+                    }
+                }
+                for c in &r.output_claim_to_headers {
+                    if c.claim.trim().is_empty() {
+                        err(
+                            &a.file,
+                            "RequestAuthentication",
+                            &a.meta,
+                            format!("spec.jwtRules[{i}].outputClaimToHeaders"),
+                            format!("header {:?} names no claim", c.header),
+                        );
+                    }
                 }
             }
         }

@@ -35,7 +35,11 @@ use llm_egress_mesh::{
     identity::SpiffeId,
     tls::{self, Reloading, TlsFiles},
 };
-use policy::{ext_authz::ExtAuthz, mesh_source::MeshConfigSource};
+use policy::{
+    ext_authz::ExtAuthz,
+    jwks::{JwksCache, JwksSettings},
+    mesh_source::MeshConfigSource,
+};
 
 use crate::{config::GatewayIdentity, metrics::ResultLabels};
 
@@ -98,6 +102,12 @@ struct IdentityArgs {
     /// Istio root namespace: its policies apply to every gateway.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Seconds between fetches of a RequestAuthentication jwksUri (Istio's default: 20 minutes); failures retry with backoff meanwhile.
+    #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u64).range(1..))]
+    jwks_refresh: u64,
+    /// Seconds a jwksUri fetch may take.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    jwks_timeout: u64,
     /// Istio mesh config YAML (the `istio` ConfigMap's `mesh` key): its extensionProviders are the external authorizers CUSTOM policies name. With --kubernetes and without this flag, that ConfigMap in --root-namespace is watched.
     #[arg(long)]
     mesh_config: Option<PathBuf>,
@@ -473,10 +483,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .load()
         .map_err(|e| anyhow::anyhow!("the mesh config ({}) is not valid: {e}", mesh.describe()))?;
     let ext_authz = ExtAuthz::new(providers, resolver.clone());
+    let jwks = Arc::new(JwksCache::new(
+        JwksSettings {
+            refresh: Duration::from_secs(args.identity.jwks_refresh),
+            timeout: Duration::from_secs(args.identity.jwks_timeout),
+        },
+        upstream_tls.clone(),
+        resolver.clone(),
+    ));
+    {
+        let source = source.clone();
+        tokio::spawn(jwks.clone().run(move || {
+            let cfg = source.current();
+            let mut uris: Vec<String> = cfg
+                .authentications
+                .iter()
+                .flat_map(|a| a.spec.jwt_rules.iter())
+                .filter(|r| r.jwks.is_none())
+                .filter_map(|r| r.jwks_uri.clone())
+                .collect();
+            uris.sort();
+            uris.dedup();
+            uris
+        }));
+    }
     tracing::info!(source = %mesh.describe(), providers = ?ext_authz.names(), "external authorizers");
     let gw = Arc::new(pipeline::Gateway {
         config: source.clone(),
         ext_authz: arc_swap::ArcSwap::from_pointee(ext_authz),
+        jwks,
         upstream: upstream::Upstream::new(
             upstream_tls,
             resolver.clone(),

@@ -20,6 +20,7 @@ use crate::{
     },
     policy::authz::{self, Attributes, Decision},
     policy::ext_authz::{CheckInput, ExtAuthz, Verdict},
+    policy::jwks::JwksCache,
     policy::jwt,
     route,
     upstream::{self, Upstream},
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub config: Arc<ConfigSource>,
     /// The mesh config's external authorizers (CUSTOM policies).
     pub ext_authz: arc_swap::ArcSwap<ExtAuthz>,
+    /// Issuers' keys for RequestAuthentication.
+    pub jwks: Arc<JwksCache>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
@@ -255,7 +258,12 @@ impl Gateway {
             );
         }
 
-        let jwt = match jwt::authenticate(&cfg.authentications, &parts.headers) {
+        let jwt = match jwt::authenticate(
+            &cfg.authentications,
+            &parts.headers,
+            parts.uri.query(),
+            &self.jwks,
+        ) {
             Ok(j) => j,
             Err(e) => {
                 return fail(
@@ -414,6 +422,14 @@ impl Gateway {
         // provider's key still replaces any credential among them.
         for (name, value) in from_authorizers {
             parts.headers.insert(name, value);
+        }
+        if let Some(j) = &jwt {
+            if let Some(h) = &j.remove_header {
+                parts.headers.remove(h);
+            }
+            for (name, value) in &j.add_headers {
+                parts.headers.insert(name.clone(), value.clone());
+            }
         }
         let headers = match provider::adapt_headers(&parts.headers, provider, body_headers) {
             Ok(h) => h,

@@ -1,21 +1,41 @@
-//! RequestAuthentication: JWT validation against the issuers' keys (inline
-//! `jwks` or a `file://` `jwksUri`). As in Istio, a request without a token
-//! passes through without a request principal; a request with an invalid
-//! token is rejected with 401.
+//! RequestAuthentication: JWT validation against the issuers' keys
+//! (`jwks.rs`: inline, `file://` or fetched from `jwksUri`). As in Istio, a
+//! request without a token passes through without a request principal; a
+//! request with an invalid token is rejected with 401. The token is read
+//! from `fromHeaders` (default `Authorization: Bearer`) or `fromParams`; its
+//! header is removed before the provider unless `forwardOriginalToken`, and
+//! `outputPayloadToHeader` / `outputClaimToHeaders` pass what was verified
+//! on. A workload whose SDK sends its JWT as the "API key" is covered by the
+//! default location: the token is verified, then the provider key replaces it.
 
-use hyper::HeaderMap;
-use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
+use hyper::{
+    header::{HeaderName, HeaderValue},
+    HeaderMap,
+};
+use jsonwebtoken::{decode, decode_header, DecodingKey, Validation};
 use llm_egress_config::resources::{JwtRule, Named, RequestAuthenticationSpec};
+
+use super::jwks::JwksCache;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwtInfo {
     /// `iss/sub`, Istio's request principal.
     pub principal: String,
     pub claims: serde_json::Value,
+    /// The token's header, to remove before the provider (no
+    /// `forwardOriginalToken`).
+    pub remove_header: Option<HeaderName>,
+    /// `outputPayloadToHeader` and `outputClaimToHeaders`.
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-fn token_from(headers: &HeaderMap, rule: &JwtRule) -> Option<String> {
-    let locations: Vec<(String, String)> = if rule.from_headers.is_empty() {
+enum Location {
+    Header(String),
+    Param,
+}
+
+fn token_from(headers: &HeaderMap, query: Option<&str>, rule: &JwtRule) -> Option<(String, Location)> {
+    let locations: Vec<(String, String)> = if rule.from_headers.is_empty() && rule.from_params.is_empty() {
         vec![("authorization".into(), "Bearer ".into())]
     } else {
         rule.from_headers
@@ -23,33 +43,43 @@ fn token_from(headers: &HeaderMap, rule: &JwtRule) -> Option<String> {
             .map(|h| (h.name.to_ascii_lowercase(), h.prefix.clone().unwrap_or_default()))
             .collect()
     };
-    locations.iter().find_map(|(name, prefix)| {
+    let from_header = locations.iter().find_map(|(name, prefix)| {
         let v = headers.get(name.as_str())?.to_str().ok()?;
-        v.strip_prefix(prefix.as_str()).map(|t| t.trim().to_string())
+        v.strip_prefix(prefix.as_str())
+            .map(|t| (t.trim().to_string(), Location::Header(name.clone())))
+    });
+    from_header.or_else(|| {
+        let query = query?;
+        rule.from_params.iter().find_map(|param| {
+            query.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                (k == param && !v.is_empty()).then(|| (v.to_string(), Location::Param))
+            })
+        })
     })
 }
 
-fn jwks(rule: &JwtRule) -> Result<JwkSet, String> {
-    let text = match (&rule.jwks, &rule.jwks_uri) {
-        (Some(inline), _) => inline.clone(),
-        (None, Some(uri)) => {
-            let path = uri
-                .strip_prefix("file://")
-                .ok_or("only file:// jwksUri is supported")?;
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read JWKS {path}: {e}"))?
-        }
-        (None, None) => return Err("no JWKS configured".into()),
+/// A claim as a header value: strings as they are, numbers and booleans
+/// printed; other shapes are not sent.
+fn claim_value(v: &serde_json::Value) -> Option<HeaderValue> {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        _ => return None,
     };
-    serde_json::from_str(&text).map_err(|e| format!("JWKS is not valid: {e}"))
+    HeaderValue::from_str(&text).ok()
 }
 
 /// Validates the request's token, if it has one.
 pub fn authenticate(
     policies: &[Named<RequestAuthenticationSpec>],
     headers: &HeaderMap,
+    query: Option<&str>,
+    keys: &JwksCache,
 ) -> Result<Option<JwtInfo>, String> {
     let rules: Vec<&JwtRule> = policies.iter().flat_map(|p| p.spec.jwt_rules.iter()).collect();
-    let Some((token, _)) = rules.iter().find_map(|r| token_from(headers, r).map(|t| (t, *r))) else {
+    let Some((token, location)) = rules.iter().find_map(|r| token_from(headers, query, r)) else {
         return Ok(None);
     };
     let header = decode_header(&token).map_err(|e| format!("malformed token: {e}"))?;
@@ -65,7 +95,7 @@ pub fn authenticate(
         .iter()
         .find(|r| r.issuer == iss)
         .ok_or_else(|| format!("issuer {iss:?} is not trusted"))?;
-    let set = jwks(rule)?;
+    let set = keys.keys(rule)?;
     let candidates: Vec<_> = match &header.kid {
         Some(kid) => set
             .keys
@@ -98,9 +128,35 @@ pub fn authenticate(
                     .and_then(|s| s.as_str())
                     .unwrap_or_default()
                     .to_string();
+                let mut add_headers = Vec::new();
+                if let Some(name) = &rule.output_payload_to_header {
+                    // The payload as the token carries it: base64url JSON.
+                    let payload = token.split('.').nth(1).unwrap_or_default();
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_str(payload),
+                    ) {
+                        add_headers.push((n, v));
+                    }
+                }
+                for c in &rule.output_claim_to_headers {
+                    let (Ok(n), Some(v)) = (
+                        HeaderName::from_bytes(c.header.as_bytes()),
+                        data.claims.get(&c.claim).and_then(claim_value),
+                    ) else {
+                        continue;
+                    };
+                    add_headers.push((n, v));
+                }
+                let remove_header = match (&location, rule.forward_original_token) {
+                    (Location::Header(name), false) => HeaderName::from_bytes(name.as_bytes()).ok(),
+                    _ => None,
+                };
                 return Ok(Some(JwtInfo {
                     principal: format!("{iss}/{sub}"),
                     claims: data.claims,
+                    remove_header,
+                    add_headers,
                 }));
             }
             Err(e) => last = e.to_string(),
@@ -161,6 +217,24 @@ mod tests {
         }
     }
 
+    fn keys() -> JwksCache {
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        JwksCache::new(
+            crate::policy::jwks::JwksSettings {
+                refresh: std::time::Duration::from_secs(60),
+                timeout: std::time::Duration::from_secs(1),
+            },
+            tls,
+            crate::upstream::Resolver::new(Default::default()),
+        )
+    }
+
     fn headers(tok: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("authorization", format!("Bearer {tok}").parse().unwrap());
@@ -177,14 +251,19 @@ mod tests {
         let t = token(
             serde_json::json!({"iss": "https://idp.example", "sub": "alice", "aud": "llm", "exp": exp, "groups": ["ops"]}),
         );
-        let info = authenticate(&policy(), &headers(&t)).unwrap().unwrap();
+        let info = authenticate(&policy(), &headers(&t), None, &keys())
+            .unwrap()
+            .unwrap();
         assert_eq!(info.principal, "https://idp.example/alice");
         assert_eq!(info.claims["groups"][0], "ops");
     }
 
     #[test]
     fn no_token_passes_without_principal() {
-        assert_eq!(authenticate(&policy(), &HeaderMap::new()).unwrap(), None);
+        assert_eq!(
+            authenticate(&policy(), &HeaderMap::new(), None, &keys()).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -196,15 +275,15 @@ mod tests {
             + 600;
         let wrong_aud =
             token(serde_json::json!({"iss": "https://idp.example", "sub": "a", "aud": "other", "exp": exp}));
-        assert!(authenticate(&policy(), &headers(&wrong_aud)).is_err());
+        assert!(authenticate(&policy(), &headers(&wrong_aud), None, &keys()).is_err());
         let wrong_iss =
             token(serde_json::json!({"iss": "https://evil", "sub": "a", "aud": "llm", "exp": exp}));
-        assert!(authenticate(&policy(), &headers(&wrong_iss))
+        assert!(authenticate(&policy(), &headers(&wrong_iss), None, &keys())
             .unwrap_err()
             .contains("not trusted"));
         let expired =
             token(serde_json::json!({"iss": "https://idp.example", "sub": "a", "aud": "llm", "exp": 1000}));
-        assert!(authenticate(&policy(), &headers(&expired)).is_err());
-        assert!(authenticate(&policy(), &headers("not.a.jwt")).is_err());
+        assert!(authenticate(&policy(), &headers(&expired), None, &keys()).is_err());
+        assert!(authenticate(&policy(), &headers("not.a.jwt"), None, &keys()).is_err());
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod authz;
 pub mod ext_authz;
+pub mod jwks;
 pub mod jwt;
 pub mod mesh_source;
