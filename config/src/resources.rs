@@ -163,6 +163,11 @@ pub struct BackendRef {
     pub provider_host: String,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// Failover order (llm-egress): backends of the lowest priority serve,
+    /// by weight; the next priority serves when they fail or are ejected.
+    /// Absent: 0.
+    #[serde(default)]
+    pub priority: Option<u32>,
 }
 
 // ---------- AuthorizationPolicy ----------

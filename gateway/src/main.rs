@@ -102,6 +102,15 @@ struct IdentityArgs {
     /// Istio root namespace: its policies apply to every gateway.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Providers tried per request when a route lists several backends (failover on connect errors, 5xx, 429 and timeouts before the first response byte); 1 turns failover off.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=10))]
+    max_attempts: u64,
+    /// Consecutive failures after which a provider is ejected (skipped while another can serve).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    outlier_failures: u64,
+    /// Seconds an ejected provider is skipped (a 429's Retry-After overrides it).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    outlier_ejection: u64,
     /// Seconds between fetches of a RequestAuthentication jwksUri (Istio's default: 20 minutes); failures retry with backoff meanwhile.
     #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u64).range(1..))]
     jwks_refresh: u64,
@@ -512,6 +521,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config: source.clone(),
         ext_authz: arc_swap::ArcSwap::from_pointee(ext_authz),
         jwks,
+        outliers: upstream::outlier::Outliers::new(
+            args.identity.outlier_failures as u32,
+            Duration::from_secs(args.identity.outlier_ejection),
+        ),
+        max_attempts: args.identity.max_attempts as usize,
         upstream: upstream::Upstream::new(
             upstream_tls,
             resolver.clone(),

@@ -69,6 +69,17 @@ pub struct TunnelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub provider: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExtAuthzLabels {
     pub provider: String,
     pub result: &'static str,
@@ -101,6 +112,8 @@ pub struct Metrics {
     pub passthrough: Family<PassthroughLabels, Counter>,
     pub tunnel_streams: Family<TunnelLabels, Counter>,
     pub ext_authz_checks: Family<ExtAuthzLabels, Counter>,
+    pub backend_attempts: Family<BackendLabels, Counter>,
+    pub backend_ejections: Family<EjectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -140,6 +153,8 @@ impl Metrics {
         let passthrough = Family::<PassthroughLabels, Counter>::default();
         let tunnel_streams = Family::<TunnelLabels, Counter>::default();
         let ext_authz_checks = Family::<ExtAuthzLabels, Counter>::default();
+        let backend_attempts = Family::<BackendLabels, Counter>::default();
+        let backend_ejections = Family::<EjectionLabels, Counter>::default();
         let client_timeouts = Family::<StageLabels, Counter>::default();
         let token_details = Family::<TokenDetailLabels, Counter>::default();
         registry.register(
@@ -205,6 +220,16 @@ impl Metrics {
             "CUSTOM authorization checks by provider and result (allow, deny, error, error_fail_open, unknown_provider)",
             ext_authz_checks.clone(),
         );
+        registry.register(
+            "llm_egress_gateway_backend_attempts",
+            "Requests sent to each provider (backend) and how each attempt ended: served, server_error, rate_limited, failed_last, or the connection error",
+            backend_attempts.clone(),
+        );
+        registry.register(
+            "llm_egress_gateway_backend_ejections",
+            "Times a provider was ejected by outlier detection (consecutive failures, or a 429 with Retry-After)",
+            backend_ejections.clone(),
+        );
         Metrics {
             registry,
             token_details,
@@ -219,6 +244,8 @@ impl Metrics {
             passthrough,
             tunnel_streams,
             ext_authz_checks,
+            backend_attempts,
+            backend_ejections,
         }
     }
 

@@ -9,20 +9,21 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 
 use crate::{
-    config::ConfigSource,
+    config::{ConfigSource, Provider},
     limits::{self, BodyError, ClientDeadlines},
     llm::endpoint::{self, BodyKind, EndpointError},
     llm::provider::{self, BodyHeaders},
     llm::usage::{Extractor, Outcome, TappedBody},
     metrics::{
-        ExtAuthzLabels, GenAiLabels, Metrics, RequestLabels, TokenDetailLabels, TokenUsageLabels,
-        UpstreamErrorLabels,
+        BackendLabels, EjectionLabels, ExtAuthzLabels, GenAiLabels, Metrics, RequestLabels,
+        TokenDetailLabels, TokenUsageLabels, UpstreamErrorLabels,
     },
     policy::authz::{self, Attributes, Decision},
     policy::ext_authz::{CheckInput, ExtAuthz, Verdict},
     policy::jwks::JwksCache,
     policy::jwt,
     route,
+    upstream::outlier::{self, Outliers},
     upstream::{self, Upstream},
 };
 
@@ -35,6 +36,10 @@ pub struct Gateway {
     pub ext_authz: arc_swap::ArcSwap<ExtAuthz>,
     /// Issuers' keys for RequestAuthentication.
     pub jwks: Arc<JwksCache>,
+    /// Providers failing in a row are skipped for a while.
+    pub outliers: Outliers,
+    /// Providers tried per request (failover), at least 1.
+    pub max_attempts: usize,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
@@ -111,6 +116,22 @@ struct Access<'a> {
 }
 
 impl Gateway {
+    fn note_failure(&self, provider: &Provider, retry_after: Option<std::time::Duration>) {
+        if self.outliers.failure(&provider.name, retry_after) {
+            tracing::warn!(
+                provider = provider.name,
+                ?retry_after,
+                "provider ejected (failing); others serve meanwhile"
+            );
+            self.metrics
+                .backend_ejections
+                .get_or_create(&EjectionLabels {
+                    provider: provider.name.clone(),
+                })
+                .inc();
+        }
+    }
+
     fn record(
         &self,
         a: &Access,
@@ -333,9 +354,15 @@ impl Gateway {
             return fail(&self, &access, StatusCode::FORBIDDEN, "RBAC: access denied", &why);
         }
 
-        let provider = match route::select(&cfg, &host, &parts.headers, |total| rand::random_range(0..total))
-        {
-            Ok(p) => p,
+        let candidates = match route::candidates(
+            &cfg,
+            &host,
+            &parts.headers,
+            |total| rand::random_range(0..total),
+            |name| self.outliers.is_ejected(name),
+        ) {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => return fail(&self, &access, StatusCode::NOT_FOUND, "no backend\n", "no route"),
             Err(e) => {
                 return fail(
                     &self,
@@ -346,8 +373,9 @@ impl Gateway {
                 )
             }
         };
-        access.provider = &provider.name;
-        let endpoint = match endpoint::resolve(&parts.method, &path, parts.uri.query(), &provider.path) {
+        let primary = candidates[0];
+        access.provider = &primary.name;
+        let endpoint = match endpoint::resolve(&parts.method, &path, parts.uri.query(), &primary.path) {
             Ok(e) => e,
             Err(e) => {
                 let (code, reason) = match e {
@@ -359,30 +387,70 @@ impl Gateway {
             }
         };
         access.operation = endpoint.operation.name();
-        // JSON bodies are read (bounded, with deadlines) and adapted;
-        // uploads stream through (bounded by --max-upload-body).
-        let (body, model, hide_usage_chunk, body_headers) = match endpoint.body {
-            BodyKind::None => (upstream::full(Bytes::new()), None, false, BodyHeaders::None),
+        // JSON bodies are read (bounded, with deadlines) once, and adapted
+        // for each provider tried; uploads stream through (bounded by
+        // --max-upload-body) to one provider only, as they cannot be replayed.
+        let mut upload = None;
+        let raw = match endpoint.body {
+            BodyKind::None => None,
             BodyKind::Opaque => {
-                let limited = http_body_util::Limited::new(body, self.max_upload);
-                (limited.boxed(), None, false, BodyHeaders::Passthrough)
+                upload = Some(http_body_util::Limited::new(body, self.max_upload).boxed());
+                None
             }
-            BodyKind::Json => {
-                let raw = match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let (code, reason) = match e {
-                            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
-                            BodyError::Stalled(_) | BodyError::TooSlow(_) => {
-                                self.metrics.client_timeout("body");
-                                (StatusCode::REQUEST_TIMEOUT, "body stalled")
-                            }
-                            BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
-                        };
-                        return fail(&self, &access, code, &format!("{e}\n"), reason);
-                    }
-                };
-                match provider::adapt_body(&raw, provider, &endpoint) {
+            BodyKind::Json => match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    let (code, reason) = match e {
+                        BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+                        BodyError::Stalled(_) | BodyError::TooSlow(_) => {
+                            self.metrics.client_timeout("body");
+                            (StatusCode::REQUEST_TIMEOUT, "body stalled")
+                        }
+                        BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
+                    };
+                    return fail(&self, &access, code, &format!("{e}\n"), reason);
+                }
+            },
+        };
+        // Headers an authorizer adds go up like the client's own: the
+        // provider's key still replaces any credential among them.
+        for (name, value) in from_authorizers {
+            parts.headers.insert(name, value);
+        }
+        if let Some(j) = &jwt {
+            if let Some(h) = &j.remove_header {
+                parts.headers.remove(h);
+            }
+            for (name, value) in &j.add_headers {
+                parts.headers.insert(name.clone(), value.clone());
+            }
+        }
+        let attempts = if upload.is_some() {
+            1
+        } else {
+            candidates.len().min(self.max_attempts)
+        };
+        let mut served = None;
+        for (i, provider) in candidates.iter().copied().take(attempts).enumerate() {
+            let last = i + 1 == attempts;
+            access.provider = &provider.name;
+            let endpoint = match endpoint::resolve(&parts.method, &path, parts.uri.query(), &provider.path) {
+                Ok(e) => e,
+                Err(_) if !last => continue,
+                Err(e) => {
+                    return fail(
+                        &self,
+                        &access,
+                        StatusCode::NOT_FOUND,
+                        &format!("{e}\n"),
+                        "unknown endpoint",
+                    )
+                }
+            };
+            let (body, model, hide_usage_chunk, body_headers) = match (&raw, upload.take()) {
+                (_, Some(stream)) => (stream, None, false, BodyHeaders::Passthrough),
+                (None, None) => (upstream::full(Bytes::new()), None, false, BodyHeaders::None),
+                (Some(raw), None) => match provider::adapt_body(raw, provider, &endpoint) {
                     Ok(a) => {
                         let len = a.body.len();
                         (
@@ -401,74 +469,113 @@ impl Gateway {
                             "bad body",
                         )
                     }
+                },
+            };
+            let uri = match provider::upstream_uri(provider, &endpoint.upstream_path) {
+                Ok(u) => u,
+                Err(_) => {
+                    return fail(
+                        &self,
+                        &access,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "provider address is not valid\n",
+                        "provider uri",
+                    )
                 }
-            }
-        };
-        let model = model.unwrap_or_else(|| "-".into());
-        access.model = &model;
-        let uri = match provider::upstream_uri(provider, &endpoint.upstream_path) {
-            Ok(u) => u,
-            Err(_) => {
-                return fail(
-                    &self,
-                    &access,
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "provider address is not valid\n",
-                    "provider uri",
-                )
-            }
-        };
-        // Headers an authorizer adds go up like the client's own: the
-        // provider's key still replaces any credential among them.
-        for (name, value) in from_authorizers {
-            parts.headers.insert(name, value);
-        }
-        if let Some(j) = &jwt {
-            if let Some(h) = &j.remove_header {
-                parts.headers.remove(h);
-            }
-            for (name, value) in &j.add_headers {
-                parts.headers.insert(name.clone(), value.clone());
-            }
-        }
-        let headers = match provider::adapt_headers(&parts.headers, provider, body_headers) {
-            Ok(h) => h,
-            // Never echo the header: it would carry the key.
-            Err(_) => {
-                return fail(
-                    &self,
-                    &access,
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the provider's API key cannot be sent as a header\n",
-                    "key header",
-                )
-            }
-        };
-        let mut up = Request::new(body);
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = uri;
-        *up.headers_mut() = headers;
-
-        let resp = match self.upstream.send(up).await {
-            Ok(r) => r,
-            Err(e) => {
+            };
+            let headers = match provider::adapt_headers(&parts.headers, provider, body_headers) {
+                Ok(h) => h,
+                // Never echo the header: it would carry the key.
+                Err(_) => {
+                    return fail(
+                        &self,
+                        &access,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the provider's API key cannot be sent as a header\n",
+                        "key header",
+                    )
+                }
+            };
+            let mut up = Request::new(body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.headers_mut() = headers;
+            let attempt = |result: &'static str| {
                 self.metrics
-                    .upstream_errors
-                    .get_or_create(&UpstreamErrorLabels {
+                    .backend_attempts
+                    .get_or_create(&BackendLabels {
                         provider: provider.name.clone(),
-                        reason: e.reason(),
+                        result,
                     })
                     .inc();
-                let code = e.status();
-                return fail(
-                    &self,
-                    &access,
-                    code,
-                    &format!("upstream {}: {e}\n", provider.host),
-                    e.reason(),
-                );
+            };
+            match self.upstream.send(up).await {
+                // Failover only before any byte of an answer reached the
+                // client: a 5xx or 429 head is dropped unread.
+                Ok(r)
+                    if !last
+                        && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) =>
+                {
+                    attempt(if r.status() == StatusCode::TOO_MANY_REQUESTS {
+                        "rate_limited"
+                    } else {
+                        "server_error"
+                    });
+                    let wait = outlier::retry_after(r.headers())
+                        .filter(|_| r.status() == StatusCode::TOO_MANY_REQUESTS);
+                    self.note_failure(provider, wait);
+                }
+                Ok(r) => {
+                    attempt(
+                        if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS {
+                            "failed_last"
+                        } else {
+                            "served"
+                        },
+                    );
+                    if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS {
+                        let wait = outlier::retry_after(r.headers())
+                            .filter(|_| r.status() == StatusCode::TOO_MANY_REQUESTS);
+                        self.note_failure(provider, wait);
+                    } else {
+                        self.outliers.success(&provider.name);
+                    }
+                    served = Some((provider, endpoint, model, hide_usage_chunk, r));
+                    break;
+                }
+                Err(e) => {
+                    attempt(e.reason());
+                    self.note_failure(provider, None);
+                    self.metrics
+                        .upstream_errors
+                        .get_or_create(&UpstreamErrorLabels {
+                            provider: provider.name.clone(),
+                            reason: e.reason(),
+                        })
+                        .inc();
+                    if last {
+                        let code = e.status();
+                        return fail(
+                            &self,
+                            &access,
+                            code,
+                            &format!("upstream {}: {e}\n", provider.host),
+                            e.reason(),
+                        );
+                    }
+                }
             }
+        }
+        let Some((provider, endpoint, model, hide_usage_chunk, resp)) = served else {
+            return fail(
+                &self,
+                &access,
+                StatusCode::BAD_GATEWAY,
+                "no provider answered\n",
+                "no backend",
+            );
         };
+        let model = model.unwrap_or_else(|| "-".into());
         let (mut rparts, rbody) = resp.into_parts();
         for h in [
             "connection",

@@ -55,35 +55,82 @@ pub fn pick_backend(backends: &[BackendRef], roll: impl FnOnce(u32) -> u32) -> O
     backends.last()
 }
 
-/// The provider for a request to `host`.
-pub fn select<'a>(
+/// The providers that may serve a request to `host`, in the order to try
+/// them: a weighted pick among the lowest priority's backends that are not
+/// ejected, then that priority's others, then the next priorities'. Ejected
+/// providers come last, so that something is always tried.
+pub fn candidates<'a>(
     c: &'a Compiled,
     host: &str,
     headers: &HeaderMap,
     roll: impl FnOnce(u32) -> u32,
-) -> Result<&'a Provider, RouteError> {
-    let host = strip_port(host).to_ascii_lowercase();
+    ejected: impl Fn(&str) -> bool,
+) -> Result<Vec<&'a Provider>, RouteError> {
+    let host_lc = strip_port(host).to_ascii_lowercase();
     let route = c
         .routes
         .iter()
         .find(|r| {
-            r.spec.host.eq_ignore_ascii_case(&host)
+            r.spec.host.eq_ignore_ascii_case(&host_lc)
                 && r.spec.gateways.iter().any(|g| c.gateway_names.contains(g))
         })
-        .ok_or_else(|| RouteError::NoRoute(host.clone()))?;
+        .ok_or_else(|| RouteError::NoRoute(host_lc.clone()))?;
     let rule = route
         .spec
         .rules
         .iter()
         .find(|r| rule_applies(r, &c.gateway_names, headers))
-        .ok_or_else(|| RouteError::NoRoute(host.clone()))?;
-    let backend = pick_backend(&rule.backend_refs, roll).ok_or_else(|| RouteError::NoRoute(host.clone()))?;
-    c.providers
-        .get(&backend.provider_host.to_ascii_lowercase())
-        .ok_or_else(|| RouteError::NoProvider {
-            host: host.clone(),
-            provider: backend.provider_host.clone(),
-        })
+        .ok_or_else(|| RouteError::NoRoute(host_lc.clone()))?;
+    let provider_of = |b: &BackendRef| {
+        c.providers
+            .get(&b.provider_host.to_ascii_lowercase())
+            .ok_or_else(|| RouteError::NoProvider {
+                host: host_lc.clone(),
+                provider: b.provider_host.clone(),
+            })
+    };
+    let mut levels: Vec<u32> = rule
+        .backend_refs
+        .iter()
+        .map(|b| b.priority.unwrap_or(0))
+        .collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let mut healthy: Vec<&Provider> = Vec::new();
+    let mut sick: Vec<&Provider> = Vec::new();
+    let mut roll = Some(roll);
+    for level in levels {
+        let mut backends: Vec<&BackendRef> = rule
+            .backend_refs
+            .iter()
+            .filter(|b| b.priority.unwrap_or(0) == level)
+            .collect();
+        // The first healthy level gets the weighted pick; the rest follow by weight.
+        let up: Vec<BackendRef> = backends
+            .iter()
+            .filter(|b| !ejected(&provider_of(b).map(|p| p.name.clone()).unwrap_or_default()))
+            .map(|b| (*b).clone())
+            .collect();
+        if !up.is_empty() {
+            if let Some(roll) = roll.take() {
+                if let Some(first) = pick_backend(&up, roll) {
+                    let first = first.clone();
+                    backends.sort_by_key(|b| (**b != first, std::cmp::Reverse(b.weight.unwrap_or(1))));
+                }
+            }
+        }
+        backends.sort_by_key(|b| ejected(&provider_of(b).map(|p| p.name.clone()).unwrap_or_default()));
+        for b in backends {
+            let p = provider_of(b)?;
+            let list = if ejected(&p.name) { &mut sick } else { &mut healthy };
+            if !list.iter().any(|q| q.name == p.name) {
+                list.push(p);
+            }
+        }
+    }
+    // A provider is ejected or not whatever backend names it: no overlap.
+    healthy.extend(sick);
+    Ok(healthy)
 }
 
 #[cfg(test)]
@@ -92,6 +139,19 @@ mod tests {
     use crate::config::{compile, GatewayIdentity};
     use llm_egress_config::resources::ResourceSet;
     use std::{collections::BTreeMap, path::Path};
+
+    /// The first provider to try.
+    fn select<'a>(
+        c: &'a Compiled,
+        host: &str,
+        headers: &HeaderMap,
+        roll: impl FnOnce(u32) -> u32,
+    ) -> Result<&'a Provider, RouteError> {
+        candidates(c, host, headers, roll, |_| false)?
+            .first()
+            .copied()
+            .ok_or_else(|| RouteError::NoRoute(host.into()))
+    }
 
     fn me() -> GatewayIdentity {
         GatewayIdentity {
@@ -145,6 +205,7 @@ mod tests {
         let b = |h: &str, w| BackendRef {
             provider_host: h.into(),
             weight: Some(w),
+            priority: None,
         };
         let backends = [b("a", 80), b("b", 20)];
         assert_eq!(pick_backend(&backends, |_| 0).unwrap().provider_host, "a");
@@ -157,5 +218,38 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-tier", "gold".parse().unwrap());
         assert!(select(&c, "llm.example.test", &h, |_| 0).is_ok());
+    }
+
+    #[test]
+    fn failover_order_follows_priority_and_skips_ejected_providers() {
+        let providers = "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\nmetadata: {name: a, namespace: istio-system}\nspec: {host: a.test, path: /v1, configs: {defaultConfig: {openAIConfig: {model: m, apiKey: k}}}}\n---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\nmetadata: {name: b, namespace: istio-system}\nspec: {host: b.test, path: /v1, configs: {defaultConfig: {openAIConfig: {model: m, apiKey: k}}}}\n---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\nmetadata: {name: c, namespace: istio-system}\nspec: {host: c.test, path: /v1, configs: {defaultConfig: {openAIConfig: {model: m, apiKey: k}}}}\n";
+        let route = "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: r}\nspec:\n  host: llm.test\n  gateways: [istio-system/egress-gw]\n  rules:\n  - matches: [{gateways: [istio-system/egress-gw]}]\n    backendRefs: [{providerHost: c.test, priority: 1}, {providerHost: a.test, weight: 50}, {providerHost: b.test, weight: 50}]\n";
+        let c = compiled(&format!("{providers}---\n{route}"));
+        let names = |v: Vec<&Provider>| v.iter().map(|p| p.host.clone()).collect::<Vec<_>>();
+        let order = |roll: u32, ejected: &[&str]| {
+            let ejected: Vec<String> = ejected.iter().map(|s| s.to_string()).collect();
+            let hosts: Vec<(String, String)> = c
+                .providers
+                .values()
+                .map(|p| (p.name.clone(), p.host.clone()))
+                .collect();
+            names(
+                candidates(
+                    &c,
+                    "llm.test",
+                    &HeaderMap::new(),
+                    |_| roll,
+                    |name| hosts.iter().any(|(n, h)| n == name && ejected.contains(h)),
+                )
+                .unwrap(),
+            )
+        };
+        // Priority 0 first (the weighted pick, then its peer), priority 1 last.
+        assert_eq!(order(0, &[]), ["a.test", "b.test", "c.test"]);
+        assert_eq!(order(60, &[]), ["b.test", "a.test", "c.test"]);
+        // An ejected provider goes to the end; all ejected: still tried.
+        assert_eq!(order(0, &["a.test"]), ["b.test", "c.test", "a.test"]);
+        assert_eq!(order(0, &["a.test", "b.test"]), ["c.test", "a.test", "b.test"]);
+        assert_eq!(order(0, &["a.test", "b.test", "c.test"]).len(), 3);
     }
 }

@@ -473,6 +473,28 @@ fn validate_checks_custom_policies_against_the_mesh_config() {
         text.contains("\"sample-ext-authz-http\" is not an extensionProviders entry"),
         "{text}"
     );
+    // The failover example, beside the seed's provider and Gateway.
+    let failover = tempfile::tempdir().unwrap();
+    for f in [
+        "dashscope-qwen.yaml",
+        "egress-gw.yaml",
+        "failover/route-with-fallback.yaml",
+    ] {
+        let from = examples_dir().join(f);
+        std::fs::copy(&from, failover.path().join(from.file_name().unwrap())).unwrap();
+    }
+    let out = std::process::Command::new(&gateway)
+        .arg("validate")
+        .arg(failover.path())
+        .env("API_KEY", "k")
+        .env("OPENAI_API_KEY", "k")
+        .output()
+        .unwrap();
+    let failover_text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && failover_text.contains("1 route(s), 2 provider(s)"),
+        "{failover_text}"
+    );
     std::fs::write(
         &other,
         "extensionProviders:\n- name: x\n  envoyExtAuthzHttp: {service: a.b, port: 0}\n",

@@ -2,6 +2,8 @@
 //! with the system roots plus an optional extra CA, timeouts, and optional
 //! host → address overrides (like curl's --resolve) for local setups.
 
+pub mod outlier;
+
 use std::{
     collections::HashMap,
     future::Future,

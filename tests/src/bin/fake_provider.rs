@@ -24,6 +24,15 @@ struct Args {
     /// Address to listen on.
     #[arg(long)]
     listen: SocketAddr,
+    /// Answer every request with this HTTP status (503, 429...), as a failing provider does.
+    #[arg(long)]
+    fail_status: Option<u16>,
+    /// With --fail-status: send Retry-After with this many seconds.
+    #[arg(long)]
+    retry_after: Option<u64>,
+    /// End streamed answers after this many events, without [DONE].
+    #[arg(long)]
+    break_stream_after: Option<usize>,
     /// Also serve the API over plain HTTP here (a provider's port 80).
     #[arg(long)]
     plain_listen: Option<SocketAddr>,
@@ -57,6 +66,11 @@ type Resp = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
 
 /// What every answer needs from the command line.
 struct Served {
+    /// Answer every request with this status (a failing provider).
+    fail_status: Option<StatusCode>,
+    retry_after: Option<u64>,
+    /// End a streamed answer after this many events (a provider dying mid-answer).
+    break_stream_after: Option<usize>,
     chunks: usize,
     delay: Duration,
     first_delay: Duration,
@@ -65,6 +79,14 @@ struct Served {
 
 /// The usage a provider reports for this answer.
 const PROMPT_TOKENS: u64 = 3;
+
+/// The events a provider that breaks off mid-answer gets out.
+fn truncated(mut events: Vec<String>, s: &Served) -> Vec<String> {
+    if let Some(n) = s.break_stream_after {
+        events.truncate(n);
+    }
+    events
+}
 
 fn sse(events: Vec<String>, first_delay: Duration, delay: Duration) -> Resp {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
@@ -123,7 +145,7 @@ fn completion(req: &serde_json::Value, chat: bool, s: &Served) -> Resp {
             events.push(format!("data: {last}\n\n"));
         }
         events.push("data: [DONE]\n\n".into());
-        return sse(events, s.first_delay, s.delay);
+        return sse(truncated(events, s), s.first_delay, s.delay);
     }
     let usage = serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 72, "total_tokens": PROMPT_TOKENS + 72});
     if chat {
@@ -212,7 +234,7 @@ fn responses(req: &serde_json::Value, s: &Served) -> Resp {
         "response.completed",
         serde_json::json!({"response": response_object(&model, &text, "completed", s.chunks as u64)}),
     ));
-    sse(events, s.first_delay, s.delay)
+    sse(truncated(events, s), s.first_delay, s.delay)
 }
 
 /// Routes a request as an OpenAI-compatible provider would.
@@ -302,6 +324,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let expected: Arc<str> = expected.into();
     let served = Arc::new(Served {
+        fail_status: args.fail_status.map(StatusCode::from_u16).transpose()?,
+        retry_after: args.retry_after,
+        break_stream_after: args.break_stream_after,
         chunks: args.chunks,
         delay: Duration::from_millis(args.chunk_delay_ms),
         first_delay: Duration::from_millis(args.first_chunk_delay_ms),
@@ -389,6 +414,25 @@ fn service(
                 if let Ok(mut f) = log.lock() {
                     let _ = writeln!(f, "{record}");
                 }
+            }
+            if let Some(status) = served.fail_status {
+                // The error bodies OpenAI-compatible providers send.
+                let (kind, message) = if status == StatusCode::TOO_MANY_REQUESTS {
+                    ("rate_limit_exceeded", "Rate limit reached for requests")
+                } else {
+                    (
+                        "server_error",
+                        "The server had an error while processing your request.",
+                    )
+                };
+                let mut resp = json_response(
+                    status,
+                    serde_json::json!({"error": {"message": message, "type": kind, "code": kind}}),
+                );
+                if let Some(secs) = served.retry_after {
+                    resp.headers_mut().insert("retry-after", secs.into());
+                }
+                return Ok::<_, Infallible>(resp);
             }
             if !authorized {
                 return Ok::<_, Infallible>(json_response(
