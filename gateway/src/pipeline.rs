@@ -296,6 +296,28 @@ impl Gateway {
                 )
             }
         };
+        // What a verified token says goes on under the output headers, and
+        // a client's own values under those names never pass: policies and
+        // authorizers judge what was verified (Istio's jwt_authn runs first).
+        for name in jwt::output_headers(&cfg.authentications) {
+            parts.headers.remove(&name);
+        }
+        let mut query = parts.uri.query().map(str::to_string);
+        if let Some(j) = &jwt {
+            if let Some(h) = &j.remove_header {
+                parts.headers.remove(h);
+            }
+            for (name, value) in &j.add_headers {
+                parts.headers.insert(name.clone(), value.clone());
+            }
+            if let Some(p) = &j.remove_param {
+                query = jwt::without_param(query.as_deref(), p);
+            }
+        }
+        let path_and_query = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
         let attrs = Attributes {
             principal: source.principal.as_deref(),
             namespace: source.namespace.as_deref(),
@@ -313,11 +335,10 @@ impl Gateway {
         let providers = authz::custom_providers(&cfg.policies, &attrs);
         if !providers.is_empty() {
             let ext_authz = self.ext_authz.load();
-            let path_and_query = parts.uri.path_and_query().map_or(path.as_str(), |p| p.as_str());
             let input = CheckInput {
                 method: &parts.method,
                 host: &host,
-                path_and_query,
+                path_and_query: &path_and_query,
                 headers: &parts.headers,
                 principal: source.principal.as_deref(),
             };
@@ -375,7 +396,7 @@ impl Gateway {
         };
         let primary = candidates[0];
         access.provider = &primary.name;
-        let endpoint = match endpoint::resolve(&parts.method, &path, parts.uri.query(), &primary.path) {
+        let endpoint = match endpoint::resolve(&parts.method, &path, query.as_deref(), &primary.path) {
             Ok(e) => e,
             Err(e) => {
                 let (code, reason) = match e {
@@ -417,14 +438,6 @@ impl Gateway {
         for (name, value) in from_authorizers {
             parts.headers.insert(name, value);
         }
-        if let Some(j) = &jwt {
-            if let Some(h) = &j.remove_header {
-                parts.headers.remove(h);
-            }
-            for (name, value) in &j.add_headers {
-                parts.headers.insert(name.clone(), value.clone());
-            }
-        }
         let attempts = if upload.is_some() {
             1
         } else {
@@ -434,7 +447,7 @@ impl Gateway {
         for (i, provider) in candidates.iter().copied().take(attempts).enumerate() {
             let last = i + 1 == attempts;
             access.provider = &provider.name;
-            let endpoint = match endpoint::resolve(&parts.method, &path, parts.uri.query(), &provider.path) {
+            let endpoint = match endpoint::resolve(&parts.method, &path, query.as_deref(), &provider.path) {
                 Ok(e) => e,
                 Err(_) if !last => continue,
                 Err(e) => {

@@ -213,6 +213,14 @@ async fn an_answer_that_breaks_after_its_first_bytes_is_not_retried() {
     let (mut lab, fallback) = lab();
     until_route_applies(&lab).await;
     restart_primary(&mut lab, &["--break-stream-after", "1", "--chunk-delay-ms", "10"]);
+    // The primary serving again (whole non-streamed answers).
+    eventually("the primary to serve", Duration::from_secs(15), || async {
+        let (s, b) = seed(&lab).await;
+        (s == StatusCode::OK && b.contains("qwen1.5-72b-chat"))
+            .then_some(())
+            .ok_or(format!("{s} {b}"))
+    })
+    .await;
     let before = fallback.requests();
     let stream = lab
         .tunnel_client("agent")

@@ -279,9 +279,31 @@ async fn the_token_is_read_where_configured_and_what_was_verified_goes_on() {
     assert_eq!(seen["authorized"], true, "the provider got its key, not the JWT");
     assert_eq!(seen["headers"]["x-jwt-team"], "ops");
 
-    // From a query parameter; a bad one there is refused like any bad token.
-    let (s, _) = call(&lab, &format!("/?access_token={t}"), &[]).await;
+    // A client cannot forge what a token says: its own value of an output
+    // header is replaced by the verified claim, or dropped without a token.
+    let mut forged = bearer(&t);
+    forged.push(("x-jwt-team", "admin".into()));
+    assert_eq!(call(&lab, "/", &forged).await.0, StatusCode::OK);
+    assert_eq!(
+        lab.provider_requests().pop().unwrap()["headers"]["x-jwt-team"],
+        "ops"
+    );
+    assert_eq!(
+        call(&lab, "/", &[("x-jwt-team", "admin".into())]).await.0,
+        StatusCode::OK
+    );
+    let seen = lab.provider_requests().pop().unwrap();
+    assert!(
+        seen["headers"].get("x-jwt-team").is_none(),
+        "a forged claim header passed: {seen}"
+    );
+
+    // From a query parameter, which is removed before the provider (the
+    // user's token is not the provider's business); a bad one is refused.
+    let (s, _) = call(&lab, &format!("/?access_token={t}&keep=1"), &[]).await;
     assert_eq!(s, StatusCode::OK);
+    let seen = lab.provider_requests().pop().unwrap();
+    assert_eq!(seen["query"], "keep=1", "{seen}");
     let (s, _) = call(&lab, "/?access_token=not.a.token", &[]).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }

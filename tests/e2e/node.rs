@@ -7,7 +7,7 @@
 
 use llm_egress_tests::{
     env,
-    node_lab::{MachineState, Node, AGENT_CGROUP_ROOT},
+    node_lab::{agent_cgroup_root, MachineState, Node},
 };
 
 /// Directories named `pod<uid>` below `root`, at any depth.
@@ -45,7 +45,7 @@ fn seed_scenario_through_the_helm_chart_on_a_real_kubelet_node_leaves_no_trace()
     // directory stayed behind (the kubelet leaves it): the case the agent
     // must not be confused by did happen.
     let mut cgroups = Vec::new();
-    pod_cgroups(std::path::Path::new(AGENT_CGROUP_ROOT), &mut cgroups);
+    pod_cgroups(&agent_cgroup_root(), &mut cgroups);
     let old_uid = stdout
         .lines()
         .find_map(|l| l.strip_prefix("old pod "))

@@ -29,8 +29,17 @@ pub const COMPONENTS: [&str; 6] = [
 
 /// The kubelet's cgroup root (node.sh's CGROUP_ROOT): pods live below it.
 pub const CGROUP_ROOT: &str = "llm-egress-node";
-/// The agent's cgroup2 root on this machine's hybrid hierarchy.
-pub const AGENT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/llm-egress-node";
+/// The agent's cgroup2 root: the node's cgroup root in the cgroup2
+/// hierarchy (`/sys/fs/cgroup/unified` on a hybrid host like this one).
+pub fn agent_cgroup_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let v2 = if unified.is_dir() {
+        unified
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
+    v2.join(CGROUP_ROOT)
+}
 
 /// The pod the seed's test runs in: busybox and curl.
 pub const CLIENT_IMAGE: &str = "llm-egress/test-client:0.1.0";
@@ -108,6 +117,13 @@ impl Node {
                 );
             }
         }
+        // Never touch a node that is up: failing here must not tear it down.
+        if state.join("up").exists() {
+            bail!(
+                "a node is already up in {} (stop it with `cargo xtask node down`)",
+                state.display()
+            );
+        }
         std::fs::create_dir_all(state)?;
         let mut images = vec!["images"];
         images.extend(archives.iter().map(String::as_str));
@@ -173,7 +189,7 @@ impl Node {
             .env("CLIENT_IMAGE", CLIENT_IMAGE)
             .env(
                 "HELM_EXTRA",
-                format!("--set agent.hostCgroupRoot={AGENT_CGROUP_ROOT}"),
+                format!("--set agent.hostCgroupRoot={}", agent_cgroup_root().display()),
             )
             .env_remove("DASHSCOPE_API_KEY")
             .stderr(std::process::Stdio::inherit())

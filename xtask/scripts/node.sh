@@ -66,7 +66,13 @@ wait_until() {
   done
 }
 
+# The node's cgroup root in every hierarchy: one directory on a cgroup2-only
+# host, one per v1 controller (and the unified one) on a hybrid host.
 cgroup_dirs() {
+  if [[ "$(stat -fc %T /sys/fs/cgroup)" == cgroup2fs ]]; then
+    echo "/sys/fs/cgroup$CGROUP_ROOT"
+    return
+  fi
   for h in /sys/fs/cgroup/*/; do
     [[ -d "$h" ]] && echo "${h%/}$CGROUP_ROOT"
   done

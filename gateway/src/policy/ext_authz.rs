@@ -187,9 +187,16 @@ impl ExtAuthz {
                 Outcome::Allowed,
             )
         } else {
+            // Only 200 allows; any other success or informational status
+            // is a denial, and must not reach the client as a success.
+            let status = if parts.status.is_success() || parts.status.is_informational() {
+                StatusCode::FORBIDDEN
+            } else {
+                parts.status
+            };
             (
                 Verdict::Deny {
-                    status: parts.status,
+                    status,
                     headers: select(&parts.headers, &settings.headers_to_downstream_on_deny, true),
                     body,
                 },

@@ -64,8 +64,9 @@ pub fn forbidden_address(ip: IpAddr) -> bool {
             v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
-                // Alibaba Cloud's metadata service.
+                // Alibaba Cloud's metadata service, Azure's wire server.
                 || v4.octets() == [100, 100, 100, 200]
+                || v4.octets() == [168, 63, 129, 16]
         }
         IpAddr::V6(v6) => {
             (v6.segments()[0] & 0xffc0) == 0xfe80
@@ -73,8 +74,34 @@ pub fn forbidden_address(ip: IpAddr) -> bool {
                 // AWS's IPv6 metadata service.
                 || v6.segments() == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254]
                 || v6.to_ipv4_mapped().is_some_and(|v4| forbidden_address(IpAddr::V4(v4)))
+                // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::/96) forms.
+                || embedded_v4(v6).is_some_and(|v4| forbidden_address(IpAddr::V4(v4)))
         }
     }
+}
+
+/// A file, read only if it is a regular file of at most `MAX_JWKS` bytes.
+async fn read_bounded(path: &str) -> Result<Bytes, String> {
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX_JWKS as u64 {
+        return Err(format!(
+            "{path} is not a regular file of at most {MAX_JWKS} bytes"
+        ));
+    }
+    tokio::fs::read(path)
+        .await
+        .map(Bytes::from)
+        .map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let seg = v6.segments();
+    let compatible = seg[..6] == [0, 0, 0, 0, 0, 0];
+    let nat64 = seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let o = v6.octets();
+    (compatible || nat64).then(|| std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
 }
 
 impl JwksCache {
@@ -176,16 +203,14 @@ impl JwksCache {
     }
 
     async fn fetch(&self, uri: &str) -> Result<JwkSet, String> {
-        let text = if let Some(path) = uri.strip_prefix("file://") {
-            tokio::fs::read(path)
-                .await
-                .map(Bytes::from)
-                .map_err(|e| format!("cannot read {path}: {e}"))?
-        } else {
-            tokio::time::timeout(self.settings.timeout, self.fetch_remote(uri))
-                .await
-                .map_err(|_| format!("no answer within {:?}", self.settings.timeout))??
-        };
+        let text = tokio::time::timeout(self.settings.timeout, async {
+            match uri.strip_prefix("file://") {
+                Some(path) => read_bounded(path).await,
+                None => self.fetch_remote(uri).await,
+            }
+        })
+        .await
+        .map_err(|_| format!("no answer within {:?}", self.settings.timeout))??;
         serde_json::from_slice(&text).map_err(|e| format!("not a JWKS document: {e}"))
     }
 

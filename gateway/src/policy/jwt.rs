@@ -27,11 +27,38 @@ pub struct JwtInfo {
     pub remove_header: Option<HeaderName>,
     /// `outputPayloadToHeader` and `outputClaimToHeaders`.
     pub add_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The query parameter the token came in, to remove before the provider
+    /// (no `forwardOriginalToken`).
+    pub remove_param: Option<String>,
+}
+
+/// Every header name a RequestAuthentication writes what it verified to:
+/// a client's own values under these names never pass.
+pub fn output_headers(policies: &[Named<RequestAuthenticationSpec>]) -> Vec<HeaderName> {
+    policies
+        .iter()
+        .flat_map(|p| p.spec.jwt_rules.iter())
+        .flat_map(|r| {
+            r.output_payload_to_header
+                .iter()
+                .chain(r.output_claim_to_headers.iter().map(|c| &c.header))
+        })
+        .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+        .collect()
+}
+
+/// `query` without parameter `name` (`None` when nothing is left).
+pub fn without_param(query: Option<&str>, name: &str) -> Option<String> {
+    let kept: Vec<&str> = query?
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 enum Location {
     Header(String),
-    Param,
+    Param(String),
 }
 
 fn token_from(headers: &HeaderMap, query: Option<&str>, rule: &JwtRule) -> Option<(String, Location)> {
@@ -53,7 +80,7 @@ fn token_from(headers: &HeaderMap, query: Option<&str>, rule: &JwtRule) -> Optio
         rule.from_params.iter().find_map(|param| {
             query.split('&').find_map(|pair| {
                 let (k, v) = pair.split_once('=')?;
-                (k == param && !v.is_empty()).then(|| (v.to_string(), Location::Param))
+                (k == param && !v.is_empty()).then(|| (v.to_string(), Location::Param(param.clone())))
             })
         })
     })
@@ -148,15 +175,17 @@ pub fn authenticate(
                     };
                     add_headers.push((n, v));
                 }
-                let remove_header = match (&location, rule.forward_original_token) {
-                    (Location::Header(name), false) => HeaderName::from_bytes(name.as_bytes()).ok(),
-                    _ => None,
+                let (remove_header, remove_param) = match (&location, rule.forward_original_token) {
+                    (_, true) => (None, None),
+                    (Location::Header(name), false) => (HeaderName::from_bytes(name.as_bytes()).ok(), None),
+                    (Location::Param(name), false) => (None, Some(name.clone())),
                 };
                 return Ok(Some(JwtInfo {
                     principal: format!("{iss}/{sub}"),
                     claims: data.claims,
                     remove_header,
                     add_headers,
+                    remove_param,
                 }));
             }
             Err(e) => last = e.to_string(),
@@ -256,6 +285,24 @@ mod tests {
             .unwrap();
         assert_eq!(info.principal, "https://idp.example/alice");
         assert_eq!(info.claims["groups"][0], "ops");
+    }
+
+    #[test]
+    fn a_token_parameter_is_removed_and_output_headers_are_known() {
+        assert_eq!(
+            without_param(Some("a=1&access_token=t&b=2"), "access_token").as_deref(),
+            Some("a=1&b=2")
+        );
+        assert_eq!(without_param(Some("access_token=t"), "access_token"), None);
+        assert_eq!(without_param(None, "access_token"), None);
+        let yaml = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j, namespace: istio-system}\nspec:\n  jwtRules:\n  - issuer: i\n    jwks: '{\"keys\": []}'\n    outputPayloadToHeader: x-payload\n    outputClaimToHeaders: [{header: x-role, claim: role}]\n";
+        let mut set = ResourceSet::default();
+        assert!(set.add_text(Path::new("j.yaml"), yaml).is_empty());
+        let names: Vec<String> = output_headers(&set.authentications)
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        assert_eq!(names, ["x-payload", "x-role"]);
     }
 
     #[test]
