@@ -523,34 +523,20 @@ impl Gateway {
                     .inc();
             };
             match self.upstream.send(up).await {
-                // Failover only before any byte of an answer reached the
-                // client: a 5xx or 429 head is dropped unread.
-                Ok(r)
-                    if !last
-                        && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) =>
-                {
-                    attempt(if r.status() == StatusCode::TOO_MANY_REQUESTS {
-                        "rate_limited"
-                    } else {
-                        "server_error"
-                    });
-                    let wait = outlier::retry_after(r.headers())
-                        .filter(|_| r.status() == StatusCode::TOO_MANY_REQUESTS);
-                    self.note_failure(provider, wait);
-                }
                 Ok(r) => {
-                    attempt(
-                        if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS {
-                            "failed_last"
-                        } else {
-                            "served"
-                        },
-                    );
-                    if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS {
-                        let wait = outlier::retry_after(r.headers())
-                            .filter(|_| r.status() == StatusCode::TOO_MANY_REQUESTS);
+                    let limited = r.status() == StatusCode::TOO_MANY_REQUESTS;
+                    if r.status().is_server_error() || limited {
+                        let wait = outlier::retry_after(r.headers()).filter(|_| limited);
                         self.note_failure(provider, wait);
+                        // Failover only before any byte of an answer reached
+                        // the client: this head is dropped unread.
+                        if !last {
+                            attempt(if limited { "rate_limited" } else { "server_error" });
+                            continue;
+                        }
+                        attempt("failed_last");
                     } else {
+                        attempt("served");
                         self.outliers.success(&provider.name);
                     }
                     served = Some((provider, endpoint, model, hide_usage_chunk, r));

@@ -36,23 +36,29 @@ fn rule_applies(rule: &LlmRouteRule, gateways: &[String], headers: &HeaderMap) -
     })
 }
 
-/// Picks among backends by weight; `roll` returns a value in `0..total`.
-pub fn pick_backend(backends: &[BackendRef], roll: impl FnOnce(u32) -> u32) -> Option<&BackendRef> {
-    // A missing weight counts as 1 when others are weighted, as Istio does
-    // for a lone backend (which then gets everything).
-    let weights: Vec<u32> = backends.iter().map(|b| b.weight.unwrap_or(1)).collect();
+/// Picks an index by weight; `roll` returns a value in `0..total`. A
+/// missing weight counts as 1 when others are weighted, as Istio does for a
+/// lone backend (which then gets everything).
+fn pick_index(weights: &[u32], roll: impl FnOnce(u32) -> u32) -> Option<usize> {
     let total: u32 = weights.iter().sum();
     if total == 0 {
-        return backends.first();
+        return (!weights.is_empty()).then_some(0);
     }
     let mut r = roll(total);
-    for (b, w) in backends.iter().zip(weights) {
-        if r < w {
-            return Some(b);
+    for (i, w) in weights.iter().enumerate() {
+        if r < *w {
+            return Some(i);
         }
         r -= w;
     }
-    backends.last()
+    weights.len().checked_sub(1)
+}
+
+/// Picks among backends by weight; `roll` returns a value in `0..total`.
+#[cfg(test)]
+fn pick_backend(backends: &[BackendRef], roll: impl FnOnce(u32) -> u32) -> Option<&BackendRef> {
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight.unwrap_or(1)).collect();
+    pick_index(&weights, roll).map(|i| &backends[i])
 }
 
 /// The providers that may serve a request to `host`, in the order to try
@@ -81,56 +87,39 @@ pub fn candidates<'a>(
         .iter()
         .find(|r| rule_applies(r, &c.gateway_names, headers))
         .ok_or_else(|| RouteError::NoRoute(host_lc.clone()))?;
-    let provider_of = |b: &BackendRef| {
-        c.providers
+    let mut entries: Vec<(&BackendRef, &Provider)> = Vec::with_capacity(rule.backend_refs.len());
+    for b in &rule.backend_refs {
+        let p = c
+            .providers
             .get(&b.provider_host.to_ascii_lowercase())
             .ok_or_else(|| RouteError::NoProvider {
                 host: host_lc.clone(),
                 provider: b.provider_host.clone(),
-            })
-    };
-    let mut levels: Vec<u32> = rule
-        .backend_refs
-        .iter()
-        .map(|b| b.priority.unwrap_or(0))
-        .collect();
-    levels.sort_unstable();
-    levels.dedup();
-    let mut healthy: Vec<&Provider> = Vec::new();
-    let mut sick: Vec<&Provider> = Vec::new();
-    let mut roll = Some(roll);
-    for level in levels {
-        let mut backends: Vec<&BackendRef> = rule
-            .backend_refs
+            })?;
+        entries.push((b, p));
+    }
+    // Lowest priority first; within a level, heavier backends first.
+    entries.sort_by_key(|(b, _)| (b.priority.unwrap_or(0), std::cmp::Reverse(b.weight.unwrap_or(1))));
+    let (mut healthy, sick): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(_, p)| !ejected(&p.name));
+    // The weighted pick among the best healthy level's backends goes first.
+    if let Some(level) = healthy.first().map(|(b, _)| b.priority.unwrap_or(0)) {
+        let weights: Vec<u32> = healthy
             .iter()
-            .filter(|b| b.priority.unwrap_or(0) == level)
+            .take_while(|(b, _)| b.priority.unwrap_or(0) == level)
+            .map(|(b, _)| b.weight.unwrap_or(1))
             .collect();
-        // The first healthy level gets the weighted pick; the rest follow by weight.
-        let up: Vec<BackendRef> = backends
-            .iter()
-            .filter(|b| !ejected(&provider_of(b).map(|p| p.name.clone()).unwrap_or_default()))
-            .map(|b| (*b).clone())
-            .collect();
-        if !up.is_empty() {
-            if let Some(roll) = roll.take() {
-                if let Some(first) = pick_backend(&up, roll) {
-                    let first = first.clone();
-                    backends.sort_by_key(|b| (**b != first, std::cmp::Reverse(b.weight.unwrap_or(1))));
-                }
-            }
-        }
-        backends.sort_by_key(|b| ejected(&provider_of(b).map(|p| p.name.clone()).unwrap_or_default()));
-        for b in backends {
-            let p = provider_of(b)?;
-            let list = if ejected(&p.name) { &mut sick } else { &mut healthy };
-            if !list.iter().any(|q| q.name == p.name) {
-                list.push(p);
-            }
+        if let Some(i) = pick_index(&weights, roll) {
+            let first = healthy.remove(i);
+            healthy.insert(0, first);
         }
     }
-    // A provider is ejected or not whatever backend names it: no overlap.
-    healthy.extend(sick);
-    Ok(healthy)
+    let mut order: Vec<&Provider> = Vec::new();
+    for (_, p) in healthy.into_iter().chain(sick) {
+        if !order.iter().any(|q| q.name == p.name) {
+            order.push(p);
+        }
+    }
+    Ok(order)
 }
 
 #[cfg(test)]
