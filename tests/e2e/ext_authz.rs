@@ -99,22 +99,20 @@ impl Authorizer {
 
 /// The seed's request as `sa`, with extra headers; status, headers, body.
 async fn call(lab: &GatewayLab, sa: &str, extra: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
-    let stream = lab
-        .tunnel_client("agent")
-        .connect(&format!("{}:80", lab.ip), &identity("default", sa))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let mut req = seed_request(SEED_BODY);
-    for (k, v) in extra {
-        req.headers_mut().insert(
-            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
+    call_as(lab, sa, "/", extra).await
+}
+
+/// Every `result` was counted at least once for the HTTP provider.
+async fn assert_checks_counted(lab: &GatewayLab, results: &[&str]) {
+    let metrics = lab.admin_get("/metrics").await;
+    for result in results {
+        let n = series_value(
+            &metrics,
+            "llm_egress_gateway_ext_authz_checks_total",
+            &[("provider", "sample-ext-authz-http"), ("result", result)],
         );
+        assert!(n.unwrap_or(0.0) >= 1.0, "{result}: {metrics}");
     }
-    let resp = http.send_request(req).await.expect("response");
-    let (status, headers) = (resp.status(), resp.headers().clone());
-    (status, headers, body_text(resp).await)
 }
 
 fn lab_with_authorizer(mesh: &str) -> GatewayLab {
@@ -233,19 +231,7 @@ async fn custom_policy_asks_the_http_authorizer_and_passes_its_answers_through()
         before + 1,
         "CUSTOM is asked before DENY"
     );
-    let metrics = lab.admin_get("/metrics").await;
-    for result in ["allow", "deny"] {
-        assert!(
-            series_value(
-                &metrics,
-                "llm_egress_gateway_ext_authz_checks_total",
-                &[("provider", "sample-ext-authz-http"), ("result", result)]
-            )
-            .unwrap_or(0.0)
-                >= 1.0,
-            "{metrics}"
-        );
-    }
+    assert_checks_counted(&lab, &["allow", "deny"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -279,19 +265,7 @@ async fn an_authorizer_that_is_down_or_late_fails_closed_unless_fail_open() {
         (s == StatusCode::OK).then_some(()).ok_or(format!("{s} {b}"))
     })
     .await;
-    let metrics = lab.admin_get("/metrics").await;
-    for result in ["error", "error_fail_open"] {
-        assert!(
-            series_value(
-                &metrics,
-                "llm_egress_gateway_ext_authz_checks_total",
-                &[("provider", "sample-ext-authz-http"), ("result", result)]
-            )
-            .unwrap_or(0.0)
-                >= 1.0,
-            "{result}: {metrics}"
-        );
-    }
+    assert_checks_counted(&lab, &["error", "error_fail_open"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

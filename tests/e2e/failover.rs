@@ -222,19 +222,7 @@ async fn an_answer_that_breaks_after_its_first_bytes_is_not_retried() {
     })
     .await;
     let before = fallback.requests();
-    let stream = lab
-        .tunnel_client("agent")
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .unwrap();
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(
-            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = stream_call(&lab).await;
     let body = body_text(resp).await;
     assert!(
         body.contains("part0") && !body.contains("[DONE]"),

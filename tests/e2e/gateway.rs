@@ -16,24 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ALLOW_ONLY_SLEEP: &str = "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: allow-sleep, namespace: istio-system}\nspec:\n  selector: {matchLabels: {istio: egressgateway}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/default/sa/sleep]}\n";
 
-/// A streamed completion's response head, through the tunnel as default/sleep.
-async fn stream_call(lab: &GatewayLab) -> hyper::Response<hyper::body::Incoming> {
-    let client = lab.tunnel_client("agent");
-    let stream = client
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .unwrap();
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(
-            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    resp
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_request_through_the_tunnel_reaches_the_provider_adapted() {
     let lab = GatewayLab::new();

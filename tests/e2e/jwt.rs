@@ -124,23 +124,9 @@ impl Idp {
 
 /// The seed's request as default/sleep with extra headers and a query.
 async fn call(lab: &GatewayLab, path: &str, extra: &[(&str, String)]) -> (StatusCode, String) {
-    let stream = lab
-        .tunnel_client("agent")
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let mut req = seed_request(SEED_BODY);
-    *req.uri_mut() = path.parse().unwrap();
-    for (k, v) in extra {
-        req.headers_mut().insert(
-            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    let resp = http.send_request(req).await.expect("response");
-    let status = resp.status();
-    (status, body_text(resp).await)
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _, body) = call_as(lab, "sleep", path, &extra).await;
+    (status, body)
 }
 
 fn bearer(t: &str) -> Vec<(&'static str, String)> {
@@ -222,18 +208,13 @@ async fn remote_jwks_is_fetched_cached_refreshed_and_never_guessed() {
     if let Some(mut d) = idp.daemon.take() {
         d.stop();
     }
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let seen = idp.fetches();
-        // Past a refresh that fails.
-        while idp.fetches() == seen {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if lab.gateway_logs().contains("JWKS fetch failed") {
-                break;
-            }
-        }
+    eventually("a refresh to fail", Duration::from_secs(15), || async {
+        lab.gateway_logs()
+            .contains("JWKS fetch failed")
+            .then_some(())
+            .ok_or_else(|| "no failed fetch logged yet".to_string())
     })
-    .await
-    .ok();
+    .await;
     assert_eq!(call(&lab, "/", &bearer(&k2)).await.0, StatusCode::OK);
 }
 

@@ -501,3 +501,61 @@ pub fn read_all(dir: &Path) -> String {
     }
     out
 }
+
+/// The seed's request as `default/<sa>` through the tunnel, to `path`, with
+/// extra headers: status, headers and body.
+pub async fn call_as(
+    lab: &GatewayLab,
+    sa: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (hyper::StatusCode, hyper::HeaderMap, String) {
+    let stream = lab
+        .tunnel_client("agent")
+        .connect(&format!("{}:80", lab.ip), &identity("default", sa))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    let mut req = seed_request(SEED_BODY);
+    *req.uri_mut() = path.parse().expect("a request path");
+    for (k, v) in extra {
+        req.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("a header name"),
+            v.parse().expect("a header value"),
+        );
+    }
+    let resp = http.send_request(req).await.expect("response");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (status, headers, body_text(resp).await)
+}
+
+/// A streamed completion's response head, through the tunnel as default/sleep.
+pub async fn stream_call(lab: &GatewayLab) -> Response<Incoming> {
+    let stream = lab
+        .tunnel_client("agent")
+        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    let resp = http
+        .send_request(seed_request(
+            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
+        ))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), hyper::StatusCode::OK);
+    resp
+}
+
+/// A TLS acceptor for the test servers (HTTP/1.1), from PEM files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = llm_egress_mesh::tls::load_certs(cert)?;
+    let key = llm_egress_mesh::tls::load_key(key)?;
+    let mut cfg =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}

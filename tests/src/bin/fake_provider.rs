@@ -306,15 +306,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let expected = std::env::var(&args.key_env)
         .map_err(|_| anyhow::anyhow!("set {} to the expected API key", args.key_env))?;
-    let certs = llm_egress_mesh::tls::load_certs(&args.cert)?;
-    let key = llm_egress_mesh::tls::load_key(&args.key)?;
-    let mut cfg =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = llm_egress_tests::gateway_lab::tls_acceptor(&args.cert, &args.key)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let log = match &args.log {
         Some(p) => Some(Arc::new(Mutex::new(
