@@ -1,5 +1,5 @@
 //! CustomResourceDefinitions of the kinds llm-egress reads. The two
-//! `istio.alibabacloud.com` kinds get schemas generated from the Rust types,
+//! `istio.alibabacloud.com` kinds and our `LLMTokenBudget` get schemas generated from the Rust types,
 //! so the API server rejects at admission what validation would reject
 //! (a route without host or rules, a provider without key, ...). Istio's
 //! three kinds get minimal definitions, used only where Istio's own are not
@@ -11,9 +11,10 @@ use serde_json::{json, Value};
 
 use crate::{
     kube_watch::{
-        WatchedKind, AUTHORIZATION_POLICY, GATEWAY, LLM_PROVIDER, LLM_ROUTE, REQUEST_AUTHENTICATION,
+        WatchedKind, AUTHORIZATION_POLICY, GATEWAY, LLM_PROVIDER, LLM_ROUTE, LLM_TOKEN_BUDGET,
+        REQUEST_AUTHENTICATION,
     },
-    resources::{LlmProviderSpec, LlmRouteSpec},
+    resources::{LlmProviderSpec, LlmRouteSpec, LlmTokenBudgetSpec},
 };
 
 /// The OpenAPI v3 schema of `T`, structural as Kubernetes requires.
@@ -145,6 +146,16 @@ pub fn all() -> Vec<Value> {
             json!([accepted_column()]),
         ),
         crd(&GATEWAY, &["gw"], loose, json!([accepted_column()])),
+        crd(
+            &LLM_TOKEN_BUDGET,
+            &["llmtb"],
+            structural_schema::<LlmTokenBudgetSpec>(),
+            json!([
+                {"name": "Tokens", "type": "integer", "jsonPath": ".spec.tokens"},
+                {"name": "Window", "type": "string", "jsonPath": ".spec.window"},
+                accepted_column()
+            ]),
+        ),
     ]
 }
 
@@ -192,7 +203,7 @@ mod tests {
     #[test]
     fn every_kind_has_a_crd_with_a_status_subresource() {
         let all = all();
-        assert_eq!(all.len(), 5);
+        assert_eq!(all.len(), 6);
         for c in &all {
             assert_eq!(c["spec"]["versions"][0]["subresources"]["status"], json!({}));
             let storage: Vec<_> = c["spec"]["versions"]

@@ -1,4 +1,4 @@
-//! Resources from the Kubernetes API: the five kinds of `resources`, watched
+//! Resources from the Kubernetes API: the six kinds of `resources`, watched
 //! with kube-rs reflectors (list, then watch; re-listed after an API server
 //! restart with backoff).
 //!
@@ -85,12 +85,19 @@ pub const GATEWAY: WatchedKind = WatchedKind {
     version: "v1beta1",
     plural: "gateways",
 };
-pub const ALL_KINDS: [WatchedKind; 5] = [
+pub const LLM_TOKEN_BUDGET: WatchedKind = WatchedKind {
+    kind: "LLMTokenBudget",
+    group: "llm-egress.io",
+    version: "v1alpha1",
+    plural: "llmtokenbudgets",
+};
+pub const ALL_KINDS: [WatchedKind; 6] = [
     LLM_PROVIDER,
     LLM_ROUTE,
     AUTHORIZATION_POLICY,
     REQUEST_AUTHENTICATION,
     GATEWAY,
+    LLM_TOKEN_BUDGET,
 ];
 
 /// What `Problem::file` says for a resource read from the API.

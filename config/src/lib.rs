@@ -10,6 +10,7 @@
 #[cfg(test)]
 const FUZZ_ITERATIONS: usize = 2000;
 
+pub mod budget;
 pub mod crds;
 pub mod kube_watch;
 pub mod mesh_config;

@@ -1,7 +1,8 @@
 //! The resources llm-egress is configured with, exactly as ASM and Istio
 //! spell them: `LLMProvider` and `LLMRoute` (istio.alibabacloud.com/v1beta1),
 //! `AuthorizationPolicy` and `RequestAuthentication` (security.istio.io),
-//! `Gateway` (networking.istio.io). Loading names the file, the resource and
+//! `Gateway` (networking.istio.io), and llm-egress's own `LLMTokenBudget`
+//! (llm-egress.io, see `budget`). Loading names the file, the resource and
 //! the field of every problem; unknown kinds are reported and skipped.
 //!
 //! Policy types reject fields they do not implement: silently ignoring a
@@ -14,6 +15,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::budget::LlmTokenBudgetSpec;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -397,6 +400,7 @@ pub struct ResourceSet {
     pub policies: Vec<Named<AuthorizationPolicySpec>>,
     pub authentications: Vec<Named<RequestAuthenticationSpec>>,
     pub gateways: Vec<Named<GatewaySpec>>,
+    pub budgets: Vec<Named<LlmTokenBudgetSpec>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -444,12 +448,14 @@ struct Envelope {
     spec: Option<serde_yaml_ng::Value>,
 }
 
-const KINDS: [(&str, &str); 5] = [
-    ("LLMProvider", "istio.alibabacloud.com/"),
-    ("LLMRoute", "istio.alibabacloud.com/"),
-    ("AuthorizationPolicy", "security.istio.io/"),
-    ("RequestAuthentication", "security.istio.io/"),
-    ("Gateway", "networking.istio.io/"),
+/// Each kind, its API group, and the version error messages suggest.
+const KINDS: [(&str, &str, &str); 6] = [
+    ("LLMProvider", "istio.alibabacloud.com/", "v1beta1"),
+    ("LLMRoute", "istio.alibabacloud.com/", "v1beta1"),
+    ("AuthorizationPolicy", "security.istio.io/", "v1beta1"),
+    ("RequestAuthentication", "security.istio.io/", "v1beta1"),
+    ("Gateway", "networking.istio.io/", "v1beta1"),
+    ("LLMTokenBudget", "llm-egress.io/", "v1alpha1"),
 ];
 
 fn typed<T: serde::de::DeserializeOwned>(
@@ -475,6 +481,7 @@ impl ResourceSet {
         self.policies.extend(other.policies);
         self.authentications.extend(other.authentications);
         self.gateways.extend(other.gateways);
+        self.budgets.extend(other.budgets);
     }
 
     /// Parses a multi-document YAML text into this set; returns problems.
@@ -542,7 +549,7 @@ impl ResourceSet {
                 }
             };
             let rname = format!("{kind} {}/{}", meta.namespace(), meta.name);
-            let Some((_, group)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+            let Some((_, group, version)) = KINDS.iter().find(|(k, _, _)| *k == kind) else {
                 problems.push(problem(
                     Severity::Warning,
                     Some(rname),
@@ -557,7 +564,7 @@ impl ResourceSet {
                     Severity::Error,
                     Some(rname),
                     Some("apiVersion".into()),
-                    format!("{api:?} is not a version of {kind}; expected {group}v1beta1"),
+                    format!("{api:?} is not a version of {kind}; expected {group}{version}"),
                 ));
                 continue;
             }
@@ -581,6 +588,9 @@ impl ResourceSet {
                 }
                 "RequestAuthentication" => {
                     typed(spec, "spec").map(|spec| self.authentications.push(Named { meta, spec, file }))
+                }
+                "LLMTokenBudget" => {
+                    typed(spec, "spec").map(|spec| self.budgets.push(Named { meta, spec, file }))
                 }
                 _ => typed(spec, "spec").map(|spec| self.gateways.push(Named { meta, spec, file })),
             };
@@ -880,6 +890,7 @@ impl ResourceSet {
                 );
             }
         }
+        crate::budget::validate(&self.budgets, &mut out);
         out
     }
 }

@@ -19,7 +19,10 @@ use llm_egress_config::{
     source::{ResourceSource, Stamp},
 };
 
-use crate::secrets::{self, KeyPolicy, Secret};
+use crate::{
+    policy::budget::Budget,
+    secrets::{self, KeyPolicy, Secret},
+};
 
 /// Who this gateway is, for selectors and policy scoping.
 #[derive(Debug, Clone)]
@@ -68,6 +71,8 @@ pub struct Compiled {
     /// Policies that apply to this gateway, in file order.
     pub policies: Vec<Named<AuthorizationPolicySpec>>,
     pub authentications: Vec<Named<RequestAuthenticationSpec>>,
+    /// Token budgets, from every namespace (a tenant's binds only its own).
+    pub budgets: Vec<Budget>,
     /// Warnings kept for `/readyz` and `validate`.
     pub warnings: Vec<Problem>,
 }
@@ -137,6 +142,12 @@ pub fn compile(
             scoped(a.meta.namespace())
                 && selects(a.spec.selector.as_ref().map(|s| &s.match_labels), &me.labels)
         })
+        .collect();
+    let scope = me.scope();
+    compiled.budgets = set
+        .budgets
+        .iter()
+        .filter_map(|b| Budget::compile(b, scope.is_trusted(b.meta.namespace())))
         .collect();
     if problems.iter().any(|p| p.severity == Severity::Error) {
         return Err(problems);

@@ -130,7 +130,7 @@ struct IdentityArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Directory of YAML resources (LLMProvider, LLMRoute, AuthorizationPolicy, RequestAuthentication, Gateway); reloaded on change.
+    /// Directory of YAML resources (LLMProvider, LLMRoute, AuthorizationPolicy, RequestAuthentication, Gateway, LLMTokenBudget); reloaded on change.
     #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
     config: Option<PathBuf>,
     #[command(flatten)]
@@ -197,6 +197,25 @@ struct RunArgs {
     /// Seconds a client connection (keep-alive, TLS passthrough) may go without a byte either way; keep it above --upstream-timeout.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    #[command(flatten)]
+    budgets: BudgetArgs,
+}
+
+#[derive(Args)]
+struct BudgetArgs {
+    /// Redis that holds LLMTokenBudget counters, shared by every gateway replica: redis://[:PASSWORD@]HOST[:PORT][/DB] (prefer the environment variable, from a Secret, to keep the password out of the process list). Without it, counters live in this process: right for one replica only.
+    #[arg(
+        long = "budget-redis",
+        env = "LLM_EGRESS_BUDGET_REDIS",
+        hide_env_values = true
+    )]
+    redis: Option<String>,
+    /// Milliseconds a budget store (Redis) operation may take before it counts as unreachable.
+    #[arg(long = "budget-redis-timeout-ms", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=60000))]
+    redis_timeout_ms: u64,
+    /// When the budget store is unreachable, serve requests without charging them (default: refuse them with 503, so no budget can be overspent).
+    #[arg(long = "budget-fail-open")]
+    fail_open: bool,
 }
 
 #[derive(Args)]
@@ -324,12 +343,13 @@ fn validate(args: ValidateArgs) -> ExitCode {
                 println!("{w}");
             }
             println!(
-                "ok: {} gateway(s) select this gateway, {} route(s), {} provider(s), {} policy(ies), {} authentication(s)",
+                "ok: {} gateway(s) select this gateway, {} route(s), {} provider(s), {} policy(ies), {} authentication(s), {} token budget(s)",
                 compiled.gateway_names.len(),
                 compiled.routes.len(),
                 compiled.providers.len(),
                 compiled.policies.len(),
-                compiled.authentications.len()
+                compiled.authentications.len(),
+                compiled.budgets.len()
             );
             ExitCode::SUCCESS
         }
@@ -517,6 +537,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }));
     }
     tracing::info!(source = %mesh.describe(), providers = ?ext_authz.names(), "external authorizers");
+    let budget_store = match &args.budgets.redis {
+        Some(url) => policy::budget::Store::Redis(
+            policy::budget::RedisStore::new(url, Duration::from_millis(args.budgets.redis_timeout_ms))
+                .context("--budget-redis")?,
+        ),
+        None => policy::budget::Store::Local(Default::default()),
+    };
+    tracing::info!(
+        store = if args.budgets.redis.is_some() {
+            "redis"
+        } else {
+            "in-process"
+        },
+        fail_open = args.budgets.fail_open,
+        "token budgets"
+    );
     let gw = Arc::new(pipeline::Gateway {
         config: source.clone(),
         ext_authz: arc_swap::ArcSwap::from_pointee(ext_authz),
@@ -531,6 +567,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             resolver.clone(),
             Duration::from_secs(args.upstream_timeout),
         ),
+        budgets: policy::budget::Budgets::new(budget_store, args.budgets.fail_open, metrics.clone()),
         metrics: metrics.clone(),
         max_body: args.max_request_body,
         max_upload: args.max_upload_body,

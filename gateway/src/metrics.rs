@@ -98,8 +98,25 @@ pub struct TokenDetailLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `namespace/name` of the LLMTokenBudget.
+    pub budget: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetRefusalLabels {
+    pub budget: String,
+    /// exhausted, too_large, store_unavailable, store_unavailable_fail_open.
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub budget_reserved: Family<BudgetLabels, Counter>,
+    pub budget_charged: Family<BudgetLabels, Counter>,
+    pub budget_refused: Family<BudgetRefusalLabels, Counter>,
+    pub budget_store_errors: Counter,
     pub token_details: Family<TokenDetailLabels, Counter>,
     pub client_timeouts: Family<StageLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
@@ -157,6 +174,30 @@ impl Metrics {
         let backend_ejections = Family::<EjectionLabels, Counter>::default();
         let client_timeouts = Family::<StageLabels, Counter>::default();
         let token_details = Family::<TokenDetailLabels, Counter>::default();
+        let budget_reserved = Family::<BudgetLabels, Counter>::default();
+        let budget_charged = Family::<BudgetLabels, Counter>::default();
+        let budget_refused = Family::<BudgetRefusalLabels, Counter>::default();
+        let budget_store_errors = Counter::default();
+        registry.register(
+            "llm_egress_gateway_budget_tokens_reserved",
+            "Tokens reserved by requests before they were forwarded, per LLMTokenBudget",
+            budget_reserved.clone(),
+        );
+        registry.register(
+            "llm_egress_gateway_budget_tokens_charged",
+            "Tokens charged once requests ended (the provider's reported usage; the rest of each reservation is given back), per LLMTokenBudget",
+            budget_charged.clone(),
+        );
+        registry.register(
+            "llm_egress_gateway_budget_requests_refused",
+            "Requests a token budget refused (or let through unbudgeted with --budget-fail-open), by budget and reason",
+            budget_refused.clone(),
+        );
+        registry.register(
+            "llm_egress_gateway_budget_store_errors",
+            "Budget store (Redis) operations that failed or timed out",
+            budget_store_errors.clone(),
+        );
         registry.register(
             "llm_egress_gateway_token_details",
             "Input tokens served from the provider's cache and output tokens spent on reasoning, by principal and model (parts of gen_ai_client_token_usage)",
@@ -232,6 +273,10 @@ impl Metrics {
         );
         Metrics {
             registry,
+            budget_reserved,
+            budget_charged,
+            budget_refused,
+            budget_store_errors,
             token_details,
             client_timeouts,
             requests,

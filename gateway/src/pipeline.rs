@@ -1,6 +1,7 @@
 //! The L7 request path, in order: JWT (RequestAuthentication) →
-//! AuthorizationPolicy → LLMRoute → LLMProvider adaptation → upstream →
-//! response streamed back with token accounting and one access-log line.
+//! AuthorizationPolicy (CUSTOM, DENY, ALLOW) → LLMRoute → token budgets →
+//! LLMProvider adaptation → upstream (failover) → response streamed back
+//! with token accounting, the budgets' true-up and one access-log line.
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
@@ -19,6 +20,7 @@ use crate::{
         TokenDetailLabels, TokenUsageLabels, UpstreamErrorLabels,
     },
     policy::authz::{self, Attributes, Decision},
+    policy::budget::{self, Admission, Budgets, Caller, Cost, Reservation},
     policy::ext_authz::{CheckInput, ExtAuthz, Verdict},
     policy::jwks::JwksCache,
     policy::jwt,
@@ -41,6 +43,8 @@ pub struct Gateway {
     /// Providers tried per request (failover), at least 1.
     pub max_attempts: usize,
     pub upstream: Upstream,
+    /// Token budgets' counters (in process, or Redis across replicas).
+    pub budgets: Arc<Budgets>,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
     /// Largest upload (multipart) streamed to a provider.
@@ -91,8 +95,17 @@ fn authorizer_denial(
 }
 
 fn openai_error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
-    let text =
-        serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}}).to_string();
+    openai_error_coded(status, message, kind, status.as_u16().into())
+}
+
+fn openai_error_coded(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: serde_json::Value,
+) -> Response<Body> {
+    let text = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        .to_string();
     let body = Full::new(Bytes::from(text))
         .map_err(|e: Infallible| match e {})
         .boxed_unsync();
@@ -101,6 +114,39 @@ fn openai_error(status: StatusCode, message: &str, kind: &str) -> Response<Body>
         .header(header::CONTENT_TYPE, "application/json")
         .body(body)
         .unwrap_or_else(|_| local(status, message))
+}
+
+/// A token budget's refusal, as OpenAI answers a rate limit: SDKs honour
+/// `Retry-After` when they retry.
+fn budget_refusal(message: &str, retry_after: Option<std::time::Duration>) -> Response<Body> {
+    let mut resp = openai_error_coded(
+        StatusCode::TOO_MANY_REQUESTS,
+        message,
+        "tokens",
+        "rate_limit_exceeded".into(),
+    );
+    if let Some(wait) = retry_after {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds.max(1)));
+    }
+    resp
+}
+
+/// Tokens a request spent: the usage the provider reported; nothing when it
+/// served nothing; all that was reserved when a served answer reported no
+/// usage or ran past its limit; and when the client left before the usage
+/// arrived, the prompt and the output it saw.
+fn spent(outcome: &Outcome, served: bool, r: &Reservation) -> u64 {
+    match outcome.usage {
+        Some(u) => u.prompt_tokens.saturating_add(u.completion_tokens),
+        None if !served => 0,
+        None if outcome.finished || outcome.overran => r.reserved(),
+        None => r
+            .prompt()
+            .saturating_add(outcome.completion_pieces)
+            .min(r.reserved()),
+    }
 }
 
 /// One access-log record; written once per request.
@@ -433,6 +479,54 @@ impl Gateway {
                 }
             },
         };
+        // Token budgets: the most this request can cost is reserved before
+        // any provider sees it.
+        let mut reservation = None;
+        let mut completion_guard = None;
+        let mut inject_limit = None;
+        if let (false, Some(raw)) = (cfg.budgets.is_empty(), &raw) {
+            let mut cost = Cost::of(raw, endpoint.operation);
+            if cost.model.is_none() && endpoint.operation == endpoint::Operation::Chat {
+                cost.model = primary.model.clone();
+            }
+            let caller = Caller {
+                principal: source.principal.as_deref(),
+                namespace: source.namespace.as_deref(),
+                request_principal: jwt.as_ref().map(|j| j.principal.as_str()),
+            };
+            match self.budgets.admit(&cfg.budgets, &caller, &cost).await {
+                Admission::Free => {}
+                Admission::Reserved {
+                    reservation: r,
+                    completion_limit,
+                    inject_limit: inject,
+                } => {
+                    reservation = Some(r);
+                    completion_guard = cost.generates.then_some(completion_limit);
+                    inject_limit = inject.and_then(|n| Some((budget::limit_field(endpoint.operation)?, n)));
+                }
+                Admission::Refused { message, retry_after } => {
+                    self.record(
+                        &access,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        started,
+                        None,
+                        "token budget",
+                    );
+                    return Ok(budget_refusal(&message, retry_after));
+                }
+                Admission::Unavailable { message } => {
+                    let code = StatusCode::SERVICE_UNAVAILABLE;
+                    self.record(&access, code, started, None, "budget store unavailable");
+                    return Ok(openai_error_coded(
+                        code,
+                        &message,
+                        "server_error",
+                        "budget_store_unavailable".into(),
+                    ));
+                }
+            }
+        }
         // Headers an authorizer adds go up like the client's own: the
         // provider's key still replaces any credential among them.
         for (name, value) in from_authorizers {
@@ -463,7 +557,7 @@ impl Gateway {
             let (body, model, hide_usage_chunk, body_headers) = match (&raw, upload.take()) {
                 (_, Some(stream)) => (stream, None, false, BodyHeaders::Passthrough),
                 (None, None) => (upstream::full(Bytes::new()), None, false, BodyHeaders::None),
-                (Some(raw), None) => match provider::adapt_body(raw, provider, &endpoint) {
+                (Some(raw), None) => match provider::adapt_body(raw, provider, &endpoint, inject_limit) {
                     Ok(a) => {
                         let len = a.body.len();
                         (
@@ -595,6 +689,7 @@ impl Gateway {
                 .and_then(|c| c.to_str().ok()),
         );
         let code = rparts.status;
+        let stream = extractor.is_stream();
         let (this, src) = (self.clone(), source.clone());
         let (method, host, path, pname, model) = (
             parts.method.clone(),
@@ -614,22 +709,39 @@ impl Gateway {
                 model: &model,
                 operation,
             };
+            if let Some(r) = reservation {
+                let tokens = spent(&outcome, code.is_success(), &r);
+                r.settle(tokens);
+            }
             this.record(
                 &a,
                 code,
                 started,
                 Some(&outcome),
-                if outcome.finished { "" } else { "client went away" },
+                if outcome.overran {
+                    "ran past its token budget"
+                } else if outcome.finished {
+                    ""
+                } else {
+                    "client went away"
+                },
             );
         });
         // The usage chunk the gateway asked for is the client's only if it
         // asked too; an error answer passes as it is.
-        let tapped = if hide_usage_chunk && code.is_success() {
-            rparts.headers.remove(header::CONTENT_LENGTH);
-            tapped.hiding_usage_chunk()
-        } else {
-            tapped
-        };
+        let mut tapped = tapped;
+        if code.is_success() {
+            if hide_usage_chunk {
+                rparts.headers.remove(header::CONTENT_LENGTH);
+                tapped = tapped.hiding_usage_chunk();
+            }
+            // A provider that ignores the limit it was sent is cut off at
+            // an event boundary, with an error event.
+            if let (Some(limit), true) = (completion_guard, stream) {
+                rparts.headers.remove(header::CONTENT_LENGTH);
+                tapped = tapped.limiting_completion(limit);
+            }
+        }
         Ok(Response::from_parts(rparts, tapped.boxed_unsync()))
     }
 }

@@ -274,13 +274,14 @@ impl GatewayLab {
 
     /// A tunnel client presenting certificate `name` (`agent`, `workload-default-sleep`, …).
     pub fn tunnel_client(&self, name: &str) -> TunnelClient {
+        self.tunnel_client_to(name, self.tunnel_addr())
+    }
+
+    /// `tunnel_client` to another gateway replica's tunnel entry.
+    pub fn tunnel_client_to(&self, name: &str, tunnel: SocketAddr) -> TunnelClient {
         let cfg = Arc::new(client_config(&self.tls_files(name), &[ALPN_H2]).expect("client TLS config"));
-        TunnelClient::new(
-            self.tunnel_addr().to_string(),
-            "localhost",
-            Arc::new(move || cfg.clone()),
-        )
-        .expect("tunnel client")
+        TunnelClient::new(tunnel.to_string(), "localhost", Arc::new(move || cfg.clone()))
+            .expect("tunnel client")
     }
 
     pub async fn admin_get(&self, path: &str) -> String {

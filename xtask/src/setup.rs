@@ -103,13 +103,15 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 /// Commands the end-to-end tests and the demo run, and their Debian packages.
-const TOOLS: [(&str, &str); 5] = [
+const TOOLS: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     // The Kubernetes tests make the API server's service-account key with it.
     ("openssl", "openssl"),
+    // The token budget test shares budgets between replicas through it.
+    ("redis-server", "redis-server"),
 ];
 
 fn have(cmd: &str) -> bool {

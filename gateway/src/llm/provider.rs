@@ -67,11 +67,23 @@ pub struct Adapted {
 /// (`stream_options.include_usage`), so that tokens are counted; when the
 /// client did not ask, `hide_usage_chunk` says so. Bodies that need no
 /// change go upstream byte for byte.
-pub fn adapt_body(body: &[u8], p: &Provider, endpoint: &Endpoint) -> Result<Adapted, AdaptError> {
+///
+/// `limit` (field, tokens) is set when the request has no completion limit
+/// and a token budget reserved one: the provider then never generates more.
+pub fn adapt_body(
+    body: &[u8],
+    p: &Provider,
+    endpoint: &Endpoint,
+    limit: Option<(&str, u64)>,
+) -> Result<Adapted, AdaptError> {
     let mut v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| AdaptError::NotJson(e.to_string()))?;
     let obj = v.as_object_mut().ok_or(AdaptError::NotObject)?;
     let mut changed = false;
+    if let Some((field, tokens)) = limit {
+        obj.insert(field.into(), tokens.into());
+        changed = true;
+    }
     if endpoint.operation == Operation::Chat {
         if !obj.contains_key("model") {
             if let Some(m) = &p.model {
@@ -213,6 +225,7 @@ mod tests {
             br#"{"messages":[{"role":"user","content":"hi"}]}"#,
             &provider(),
             &chat(),
+            None,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
@@ -226,6 +239,7 @@ mod tests {
             br#"{"model":"qwen-max","stream":true,"messages":[]}"#,
             &provider(),
             &chat(),
+            None,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
@@ -241,6 +255,7 @@ mod tests {
             br#"{"model":"m","stream":true,"stream_options":{"other":1},"messages":[]}"#,
             &provider(),
             &chat(),
+            None,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
@@ -249,7 +264,7 @@ mod tests {
         assert!(a.hide_usage_chunk);
         // Asked: unchanged, byte for byte.
         let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
-        let a = adapt_body(asked, &provider(), &chat()).unwrap();
+        let a = adapt_body(asked, &provider(), &chat(), None).unwrap();
         assert_eq!(&a.body[..], &asked[..]);
         assert!(!a.hide_usage_chunk);
         // Text completions too; embeddings keep their body and model as sent.
@@ -258,14 +273,15 @@ mod tests {
             adapt_body(
                 br#"{"model":"m","prompt":"x","stream":true}"#,
                 &provider(),
-                &completions
+                &completions,
+                None
             )
             .unwrap()
             .hide_usage_chunk
         );
         let embeddings = endpoint(hyper::Method::POST, "/v1/embeddings");
         let body = br#"{"input":"x"}"#;
-        let a = adapt_body(body, &provider(), &embeddings).unwrap();
+        let a = adapt_body(body, &provider(), &embeddings, None).unwrap();
         assert_eq!(
             &a.body[..],
             &body[..],
@@ -275,13 +291,26 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_limit_is_set_when_the_request_has_none() {
+        let a = adapt_body(
+            br#"{"model":"m","messages":[]}"#,
+            &provider(),
+            &chat(),
+            Some(("max_tokens", 40)),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["max_tokens"], 40);
+    }
+
+    #[test]
     fn rejects_bodies_that_are_not_json_objects() {
         assert!(matches!(
-            adapt_body(b"hello", &provider(), &chat()),
+            adapt_body(b"hello", &provider(), &chat(), None),
             Err(AdaptError::NotJson(_))
         ));
         assert_eq!(
-            adapt_body(b"[1,2]", &provider(), &chat()),
+            adapt_body(b"[1,2]", &provider(), &chat(), None),
             Err(AdaptError::NotObject)
         );
     }

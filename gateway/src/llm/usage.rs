@@ -63,54 +63,127 @@ fn details_of(v: &serde_json::Value) -> Option<TokenDetails> {
     (d != TokenDetails::default()).then_some(d)
 }
 
-/// Whether an SSE event is the usage-only chunk a stream ends with when
-/// usage was asked for (`"choices": []` and a `usage` object).
-fn is_usage_only_event(event: &[u8]) -> bool {
-    // Every chunk of a stream passes here: parse only those that can be it.
-    if !event.windows(7).any(|w| w == b"\"usage\"") {
-        return false;
-    }
+/// The JSON of an SSE event's `data:` lines, if it has any and they parse.
+fn event_json(event: &[u8]) -> Option<serde_json::Value> {
     let data: Vec<u8> = event
         .split(|&b| b == b'\n')
         .filter_map(|l| l.strip_prefix(b"data:"))
         .flat_map(|d| d.trim_ascii().iter().copied())
         .collect();
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
-        return false;
-    };
+    serde_json::from_slice(&data).ok()
+}
+
+/// Whether an event is the usage-only chunk a stream ends with when usage
+/// was asked for (`"choices": []` and a `usage` object).
+fn is_usage_only(v: &serde_json::Value) -> bool {
     v.get("choices")
         .and_then(|c| c.as_array())
         .is_some_and(|c| c.is_empty())
         && v.get("usage").is_some_and(|u| u.is_object())
 }
 
-/// Removes the usage-only chunk from an SSE stream, forwarding every other
-/// event as soon as it is complete (a partial event waits for its end).
-#[derive(Debug, Default)]
-pub struct UsageChunkFilter {
-    pending: Vec<u8>,
+/// Pieces of generated output a chunk carries: one per choice with content
+/// (chat `delta.content`, `delta.reasoning_content` or `delta.tool_calls`;
+/// completions `text`), one per Responses `*.delta` event. Each piece is at
+/// least one token, so the count never exceeds the tokens generated.
+pub fn completion_pieces(v: &serde_json::Value) -> u64 {
+    if let Some(kind) = v.get("type").and_then(|t| t.as_str()) {
+        return u64::from(kind.ends_with(".delta") && v.get("delta").is_some_and(|d| d.as_str() != Some("")));
+    }
+    let non_empty = |x: Option<&serde_json::Value>| match x {
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        _ => false,
+    };
+    v.get("choices")
+        .and_then(|c| c.as_array())
+        .map(|choices| {
+            choices
+                .iter()
+                .filter(|c| {
+                    let delta = c.get("delta");
+                    non_empty(c.get("text"))
+                        || ["content", "reasoning_content", "tool_calls"]
+                            .iter()
+                            .any(|k| non_empty(delta.and_then(|d| d.get(*k))))
+                })
+                .count() as u64
+        })
+        .unwrap_or(0)
 }
 
-impl UsageChunkFilter {
-    /// The complete events of `pending + data` except usage-only ones; the
-    /// incomplete tail stays pending.
+/// What ends a stream that ran past the completion its budget reserved: an
+/// error event in OpenAI's shape, which SDKs raise as an API error.
+fn overrun_event(limit: u64) -> Vec<u8> {
+    let error = serde_json::json!({"error": {
+        "message": format!("the answer ran past the {limit} completion tokens its token budget reserved; it was ended here"),
+        "type": "tokens",
+        "code": "budget_exceeded",
+    }});
+    format!("data: {error}\n\n").into_bytes()
+}
+
+/// Passes an SSE stream on event by event (a partial event waits for its
+/// end): removes the usage-only chunk the gateway asked for, and ends the
+/// stream with an error event before the first event that takes the
+/// generated output past `limit` pieces.
+#[derive(Debug, Default)]
+pub struct SseFilter {
+    pending: Vec<u8>,
+    hide_usage: bool,
+    limit: Option<u64>,
+    pieces: u64,
+    overrun: bool,
+}
+
+impl SseFilter {
+    /// Whether this event passes; set `overrun` (and pass nothing more)
+    /// when it would go past the limit.
+    fn passes(&mut self, event: &[u8]) -> bool {
+        if self.overrun {
+            return false;
+        }
+        // Every chunk of a stream passes here: parse only those that matter.
+        let usage_candidate = self.hide_usage && event.windows(7).any(|w| w == b"\"usage\"");
+        if !usage_candidate && self.limit.is_none() {
+            return true;
+        }
+        let Some(v) = event_json(event) else {
+            return true;
+        };
+        if usage_candidate && is_usage_only(&v) {
+            return false;
+        }
+        if let Some(limit) = self.limit {
+            self.pieces += completion_pieces(&v);
+            if self.pieces > limit {
+                self.overrun = true;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The complete events of `pending + data` that pass; the incomplete
+    /// tail stays pending.
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
-        self.pending.extend_from_slice(data);
-        let mut out = Vec::with_capacity(self.pending.len());
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(data);
+        let mut out = Vec::with_capacity(pending.len());
         let mut start = 0;
         let mut i = 0;
-        while i + 1 < self.pending.len() {
-            let end = if self.pending[i..].starts_with(b"\n\n") {
+        while i + 1 < pending.len() && !self.overrun {
+            let end = if pending[i..].starts_with(b"\n\n") {
                 Some(i + 2)
-            } else if self.pending[i..].starts_with(b"\r\n\r\n") {
+            } else if pending[i..].starts_with(b"\r\n\r\n") {
                 Some(i + 4)
             } else {
                 None
             };
             match end {
                 Some(end) => {
-                    let event = &self.pending[start..end];
-                    if !is_usage_only_event(event) {
+                    let event = &pending[start..end];
+                    if self.passes(event) {
                         out.extend_from_slice(event);
                     }
                     start = end;
@@ -119,18 +192,34 @@ impl UsageChunkFilter {
                 None => i += 1,
             }
         }
-        self.pending.drain(..start);
+        if self.overrun {
+            out.extend(overrun_event(self.limit.unwrap_or(0)));
+        } else {
+            pending.drain(..start);
+            self.pending = pending;
+        }
         out
     }
 
     /// What is left at the end of the stream.
     pub fn finish(&mut self) -> Vec<u8> {
         let rest = std::mem::take(&mut self.pending);
-        if is_usage_only_event(&rest) {
-            Vec::new()
-        } else {
-            rest
+        if rest.is_empty() || self.overrun {
+            return Vec::new();
         }
+        let mut out = Vec::new();
+        if self.passes(&rest) {
+            out = rest;
+        }
+        if self.overrun {
+            out.extend(overrun_event(self.limit.unwrap_or(0)));
+        }
+        out
+    }
+
+    /// Whether the stream was ended for running past its limit.
+    pub fn overran(&self) -> bool {
+        self.overrun
     }
 }
 
@@ -160,6 +249,8 @@ pub enum Extractor {
         last: Option<Usage>,
         details: Option<TokenDetails>,
         model: Option<String>,
+        /// Pieces of output seen (see `completion_pieces`).
+        pieces: u64,
     },
     None,
 }
@@ -172,6 +263,7 @@ impl Extractor {
                 last: None,
                 details: None,
                 model: None,
+                pieces: 0,
             },
             Some(c) if c == "application/json" || c.ends_with("+json") => Extractor::Json {
                 buf: Vec::new(),
@@ -196,6 +288,7 @@ impl Extractor {
                 last,
                 details,
                 model,
+                pieces,
             } => {
                 for &b in chunk {
                     if b == b'\n' {
@@ -210,6 +303,7 @@ impl Extractor {
                                     if model.is_none() {
                                         *model = model_of(&v);
                                     }
+                                    *pieces += completion_pieces(&v);
                                 }
                             }
                         }
@@ -260,6 +354,14 @@ impl Extractor {
     pub fn is_stream(&self) -> bool {
         matches!(self, Extractor::Sse { .. })
     }
+
+    /// Pieces of output a stream carried so far (0 for other answers).
+    pub fn pieces(&self) -> u64 {
+        match self {
+            Extractor::Sse { pieces, .. } => *pieces,
+            _ => 0,
+        }
+    }
 }
 
 /// What an answer said about itself.
@@ -281,6 +383,10 @@ pub struct Outcome {
     pub finished: bool,
     /// When the first data arrived, for a streamed (SSE) answer.
     pub first_chunk_at: Option<std::time::Instant>,
+    /// Pieces of output a stream carried (each at least one token).
+    pub completion_pieces: u64,
+    /// The stream was ended for running past its budget's reservation.
+    pub overran: bool,
 }
 
 /// Passes a response body through, feeding the extractor, and calls `done`
@@ -292,7 +398,7 @@ pub struct TappedBody<B> {
     extractor: Extractor,
     done: Option<OnDone>,
     /// Set when the client's usage chunk is to be removed.
-    filter: Option<UsageChunkFilter>,
+    filter: Option<SseFilter>,
     ended: bool,
     first_chunk_at: Option<std::time::Instant>,
 }
@@ -312,7 +418,14 @@ impl<B> TappedBody<B> {
     /// Removes the usage-only chunk the gateway asked for (the usage is
     /// still counted).
     pub fn hiding_usage_chunk(mut self) -> Self {
-        self.filter = Some(UsageChunkFilter::default());
+        self.filter.get_or_insert_with(SseFilter::default).hide_usage = true;
+        self
+    }
+
+    /// Ends the stream with an error event before it carries more than
+    /// `limit` pieces of output (what a token budget reserved).
+    pub fn limiting_completion(mut self, limit: u64) -> Self {
+        self.filter.get_or_insert_with(SseFilter::default).limit = Some(limit);
         self
     }
 
@@ -325,6 +438,8 @@ impl<B> TappedBody<B> {
                 response_model: e.model,
                 finished,
                 first_chunk_at: self.first_chunk_at,
+                completion_pieces: self.extractor.pieces(),
+                overran: self.filter.as_ref().is_some_and(SseFilter::overran),
             });
         }
     }
@@ -362,7 +477,7 @@ where
                                 this.first_chunk_at = Some(std::time::Instant::now());
                             }
                             this.extractor.feed(&data);
-                            let end = this.inner.is_end_stream();
+                            let mut end = this.inner.is_end_stream();
                             let out = match this.filter.as_mut() {
                                 None => data,
                                 Some(f) => {
@@ -370,6 +485,10 @@ where
                                     if end {
                                         out.extend(f.finish());
                                     }
+                                    // Past its reservation: the error event
+                                    // is the last, and the provider's
+                                    // connection is dropped with the body.
+                                    end |= f.overran();
                                     Bytes::from(out)
                                 }
                             };
@@ -390,9 +509,9 @@ where
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Poll::Ready(None) => {
+                    let rest = this.filter.as_mut().map(|f| f.finish()).unwrap_or_default();
                     this.complete(true);
                     this.ended = true;
-                    let rest = this.filter.as_mut().map(|f| f.finish()).unwrap_or_default();
                     if rest.is_empty() {
                         return Poll::Ready(None);
                     }
@@ -481,18 +600,97 @@ mod tests {
         let want =
             "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
         for split in 1..stream.len() {
-            let mut f = UsageChunkFilter::default();
+            let mut f = SseFilter {
+                hide_usage: true,
+                ..Default::default()
+            };
             let mut out = f.push(&stream.as_bytes()[..split]);
             out.extend(f.push(&stream.as_bytes()[split..]));
             out.extend(f.finish());
             assert_eq!(String::from_utf8(out).unwrap(), want, "split at {split}");
         }
         // CRLF framing, and a stream that ends without a blank line.
-        let mut f = UsageChunkFilter::default();
+        let mut f = SseFilter {
+            hide_usage: true,
+            ..Default::default()
+        };
         let mut out =
             f.push(b"data: {\"choices\":[{}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}");
         out.extend(f.finish());
         assert_eq!(out, b"data: {\"choices\":[{}]}\r\n\r\n");
+    }
+
+    #[test]
+    fn a_stream_past_its_limit_ends_with_an_error_event_between_events() {
+        let mut stream =
+            String::from("data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n");
+        for i in 0..5 {
+            stream.push_str(&format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{i}\"}}}}]}}\n\n"
+            ));
+        }
+        stream.push_str("data: [DONE]\n\n");
+        let kept: String = stream.split_inclusive("\n\n").take(4).collect();
+        for split in 1..stream.len() {
+            let mut f = SseFilter {
+                limit: Some(3),
+                ..Default::default()
+            };
+            let mut out = f.push(&stream.as_bytes()[..split]);
+            if !f.overran() {
+                out.extend(f.push(&stream.as_bytes()[split..]));
+                out.extend(f.finish());
+            }
+            assert!(f.overran(), "split at {split}");
+            let out = String::from_utf8(out).unwrap();
+            let (head, error) = out.split_at(kept.len());
+            assert_eq!(head, kept, "split at {split}");
+            assert!(
+                error.starts_with("data: {\"error\":") && error.ends_with("}\n\n"),
+                "{error}"
+            );
+            assert!(error.contains("budget_exceeded") && error.matches("\n\n").count() == 1);
+        }
+        // At the limit exactly, nothing is cut.
+        let mut f = SseFilter {
+            limit: Some(5),
+            ..Default::default()
+        };
+        let mut out = f.push(stream.as_bytes());
+        out.extend(f.finish());
+        assert!(!f.overran());
+        assert_eq!(String::from_utf8(out).unwrap(), stream);
+    }
+
+    #[test]
+    fn pieces_of_output_are_counted_per_choice_and_delta_event() {
+        let v = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+        assert_eq!(
+            completion_pieces(&v(
+                r#"{"choices":[{"delta":{"content":"a"}},{"delta":{"tool_calls":[{}]}}]}"#
+            )),
+            2
+        );
+        assert_eq!(
+            completion_pieces(&v(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#)),
+            0
+        );
+        assert_eq!(
+            completion_pieces(&v(r#"{"choices":[{"text":"x","index":0}]}"#)),
+            1
+        );
+        assert_eq!(
+            completion_pieces(&v(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#)),
+            0
+        );
+        assert_eq!(
+            completion_pieces(&v(r#"{"type":"response.output_text.delta","delta":"hi"}"#)),
+            1
+        );
+        assert_eq!(
+            completion_pieces(&v(r#"{"type":"response.completed","response":{}}"#)),
+            0
+        );
     }
 
     #[tokio::test]

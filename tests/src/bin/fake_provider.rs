@@ -4,7 +4,9 @@
 //! completions, completions, embeddings, responses (JSON, or SSE when
 //! `stream` is true), models — and answers `404` to anything else. Streams
 //! carry a usage chunk only when `stream_options.include_usage` asks for
-//! it. It answers only requests carrying `Authorization: Bearer <key>`,
+//! it. Completions stop at the request's `max_tokens`
+//! (`max_completion_tokens`, `max_output_tokens`) as a real provider's do.
+//! It answers only requests carrying `Authorization: Bearer <key>`,
 //! and appends one JSON line per request to `--log`: what it saw, with the
 //! key checked, never written.
 
@@ -60,6 +62,9 @@ struct Args {
     /// Pad the answer's content to this many bytes (0: the seed's answer).
     #[arg(long, default_value_t = 0)]
     answer_bytes: usize,
+    /// Generate past the request's max_tokens, as a misbehaving provider would.
+    #[arg(long)]
+    ignore_max_tokens: bool,
 }
 
 type Resp = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
@@ -75,10 +80,38 @@ struct Served {
     delay: Duration,
     first_delay: Duration,
     answer: Arc<str>,
+    ignore_max_tokens: bool,
 }
 
 /// The usage a provider reports for this answer.
 const PROMPT_TOKENS: u64 = 3;
+
+/// Completion tokens of an answer: one per streamed chunk (72 for a JSON
+/// chat answer, 9 for a response), capped by the request's limit as a real
+/// provider caps it (unless told to ignore it); and whether it was capped.
+fn completion_tokens(req: &serde_json::Value, natural: u64, s: &Served) -> (u64, bool) {
+    let cap = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .filter_map(|f| req[*f].as_u64())
+        .min()
+        .filter(|_| !s.ignore_max_tokens);
+    match cap {
+        Some(c) if c < natural => (c, true),
+        _ => (natural, false),
+    }
+}
+
+/// What an answer to `req` at `rel` reports as total tokens, if it reports usage.
+fn reported_tokens(rel: &str, req: &serde_json::Value, s: &Served) -> Option<u64> {
+    let streamed = req["stream"].as_bool() == Some(true);
+    let natural = match rel {
+        _ if streamed => s.chunks as u64,
+        "/chat/completions" | "/completions" => 72,
+        "/responses" => 9,
+        _ => return None,
+    };
+    Some(PROMPT_TOKENS + completion_tokens(req, natural, s).0)
+}
 
 /// The events a provider that breaks off mid-answer gets out.
 fn truncated(mut events: Vec<String>, s: &Served) -> Vec<String> {
@@ -118,20 +151,21 @@ fn not_found(method: &str, path: &str) -> Resp {
 /// Chat completions and text completions, JSON or streamed.
 fn completion(req: &serde_json::Value, chat: bool, s: &Served) -> Resp {
     let model = req["model"].as_str().unwrap_or("unknown").to_string();
-    let chunks = s.chunks as u64;
     if req["stream"].as_bool() == Some(true) {
+        let (chunks, capped) = completion_tokens(req, s.chunks as u64, s);
         let usage_asked = req["stream_options"]["include_usage"].as_bool() == Some(true);
         let object = if chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
-        let mut events: Vec<String> = (0..s.chunks)
+        let mut events: Vec<String> = (0..chunks)
             .map(|i| {
+                let finish = (capped && i + 1 == chunks).then_some("length");
                 let choice = if chat {
-                    serde_json::json!({"index": 0, "delta": {"content": format!("part{i} ")}, "finish_reason": null})
+                    serde_json::json!({"index": 0, "delta": {"content": format!("part{i} ")}, "finish_reason": finish})
                 } else {
-                    serde_json::json!({"index": 0, "text": format!("part{i} "), "finish_reason": null})
+                    serde_json::json!({"index": 0, "text": format!("part{i} "), "finish_reason": finish})
                 };
                 let mut c = serde_json::json!({"id": "cmpl-test", "object": object, "created": 1720680044, "model": model, "choices": [choice]});
                 if usage_asked {
@@ -147,7 +181,8 @@ fn completion(req: &serde_json::Value, chat: bool, s: &Served) -> Resp {
         events.push("data: [DONE]\n\n".into());
         return sse(truncated(events, s), s.first_delay, s.delay);
     }
-    let usage = serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 72, "total_tokens": PROMPT_TOKENS + 72});
+    let (completion, _) = completion_tokens(req, 72, s);
+    let usage = serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": PROMPT_TOKENS + completion});
     if chat {
         json_response(
             StatusCode::OK,
@@ -208,8 +243,13 @@ fn response_object(model: &str, text: &str, status: &str, output_tokens: u64) ->
 fn responses(req: &serde_json::Value, s: &Served) -> Resp {
     let model = req["model"].as_str().unwrap_or("unknown").to_string();
     if req["stream"].as_bool() != Some(true) {
-        return json_response(StatusCode::OK, response_object(&model, &s.answer, "completed", 9));
+        let (output, _) = completion_tokens(req, 9, s);
+        return json_response(
+            StatusCode::OK,
+            response_object(&model, &s.answer, "completed", output),
+        );
     }
+    let (chunks, _) = completion_tokens(req, s.chunks as u64, s);
     let mut seq = 0;
     let mut event = |kind: &str, mut v: serde_json::Value| {
         v["type"] = kind.into();
@@ -222,7 +262,7 @@ fn responses(req: &serde_json::Value, s: &Served) -> Resp {
         serde_json::json!({"response": response_object(&model, "", "in_progress", 0)}),
     )];
     let mut text = String::new();
-    for i in 0..s.chunks {
+    for i in 0..chunks {
         let delta = format!("part{i} ");
         text.push_str(&delta);
         events.push(event(
@@ -232,7 +272,7 @@ fn responses(req: &serde_json::Value, s: &Served) -> Resp {
     }
     events.push(event(
         "response.completed",
-        serde_json::json!({"response": response_object(&model, &text, "completed", s.chunks as u64)}),
+        serde_json::json!({"response": response_object(&model, &text, "completed", chunks)}),
     ));
     sse(truncated(events, s), s.first_delay, s.delay)
 }
@@ -327,6 +367,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             ANSWER.into()
         },
+        ignore_max_tokens: args.ignore_max_tokens,
     });
     if let Some(plain) = args.plain_listen {
         // Port 80 of a real provider: the same API over plain HTTP, so a
@@ -399,8 +440,13 @@ fn service(
                 "authorized": authorized,
                 "authorizationCount": parts.headers.get_all("authorization").iter().count(),
                 "headers": headers,
-                "body": json,
                 "bodyBytes": body.len(),
+                // What the answer will report as usage (prompt + completion).
+                "reportedTokens": json.as_ref().filter(|_| authorized && served.fail_status.is_none()).and_then(|j| {
+                    let rel = parts.uri.path().strip_prefix("/compatible-mode/v1").or_else(|| parts.uri.path().strip_prefix("/v1"))?;
+                    reported_tokens(rel, j, &served)
+                }),
+                "body": json,
             });
             if let Some(log) = &log {
                 if let Ok(mut f) = log.lock() {
