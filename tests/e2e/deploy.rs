@@ -269,6 +269,25 @@ fn gateway_runs_non_root_behind_a_service_and_pdb_with_spiffe_certificates() {
     // Without cert-manager: no Certificate objects.
     let docs = rendered_docs(&["certificates.mode=existingSecrets"]);
     assert!(docs.iter().all(|d| d["kind"] != "Certificate"));
+    // Token budgets: by default counted per replica, failing closed; with
+    // Redis, its URL (a password) comes from a Secret, never a flag.
+    assert!(!c.to_string().contains("BUDGET") && !args.contains(&"--budget-fail-open"));
+    let docs = rendered_docs(&[
+        "gateway.budgets.redis.urlSecret.name=budget-redis",
+        "gateway.budgets.failOpen=true",
+    ]);
+    let c = &find(&docs, "Deployment", "llm-egress-gateway")["spec"]["template"]["spec"]["containers"][0];
+    let redis = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "LLM_EGRESS_BUDGET_REDIS")
+        .expect("the Redis URL from its Secret");
+    assert_eq!(redis["valueFrom"]["secretKeyRef"]["name"], "budget-redis");
+    assert_eq!(redis["valueFrom"]["secretKeyRef"]["key"], "url");
+    let args = args_of(c);
+    assert!(args.contains(&"--budget-fail-open"), "{args:?}");
+    assert_flags_accepted(&env::gateway_bin(), &args);
 }
 
 #[test]

@@ -477,6 +477,32 @@ fn validate_checks_custom_policies_against_the_mesh_config() {
         out.status.success() && failover_text.contains("1 route(s), 2 provider(s)"),
         "{failover_text}"
     );
+    // The budget example, and a broken budget named by its field.
+    let budgets = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(examples_dir().join("budget/team-budgets.yaml")).unwrap();
+    for (text, ok) in [
+        (example.clone(), true),
+        (example.replace("window: 1h", "window: 1 hour"), false),
+    ] {
+        std::fs::write(budgets.path().join("b.yaml"), text).unwrap();
+        let out = std::process::Command::new(&gateway)
+            .arg("validate")
+            .arg(budgets.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if ok {
+            assert!(
+                out.status.success() && text.contains("2 token budget(s)"),
+                "{text}"
+            );
+        } else {
+            assert!(
+                !out.status.success() && text.contains("LLMTokenBudget istio-system/team-a: spec.window"),
+                "{text}"
+            );
+        }
+    }
     std::fs::write(
         &other,
         "extensionProviders:\n- name: x\n  envoyExtAuthzHttp: {service: a.b, port: 0}\n",
