@@ -72,8 +72,32 @@ struct RawGrpc {
     include_request_body_in_check: Option<RawBody>,
 }
 
-/// `includeRequestBodyInCheck`: recognised, so it is refused rather than ignored.
-type RawBody = serde_yaml_ng::Value;
+/// `includeRequestBodyInCheck`, as Istio spells it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawBody {
+    #[serde(default)]
+    max_request_bytes: u64,
+    #[serde(default)]
+    allow_partial_message: bool,
+    #[serde(default)]
+    pack_as_bytes: bool,
+}
+
+/// Largest `maxRequestBytes`: a check body is held in memory per request.
+pub const MAX_CHECK_BODY: u64 = 8 << 20;
+
+/// `includeRequestBodyInCheck`: the request body goes to the authorizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodySettings {
+    /// At most this many bytes of the body are sent.
+    pub max_request_bytes: usize,
+    /// A larger body is sent cut to `max_request_bytes` (flagged partial);
+    /// without it, such a request is answered 413.
+    pub allow_partial_message: bool,
+    /// gRPC: the body as `raw_body` bytes rather than the UTF-8 `body`.
+    pub pack_as_bytes: bool,
+}
 
 /// An external authorizer, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +111,8 @@ pub struct ExtAuthzProvider {
     pub fail_open: bool,
     pub status_on_error: u16,
     pub protocol: ExtAuthzProtocol,
+    /// `includeRequestBodyInCheck`, when set.
+    pub body: Option<BodySettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,7 +178,7 @@ pub fn parse_extension_providers(yaml: &str) -> Result<Vec<ExtAuthzProvider>, Me
                     h.status_on_error.as_deref(),
                 )
                 .map_err(bad)?;
-                check_body(h.include_request_body_in_check.as_ref()).map_err(bad)?;
+                let body = check_body(h.include_request_body_in_check.as_ref()).map_err(bad)?;
                 if !h.path_prefix.is_empty() && !h.path_prefix.starts_with('/') {
                     return Err(bad(format!("pathPrefix {:?} must start with '/'", h.path_prefix)));
                 }
@@ -175,6 +201,7 @@ pub fn parse_extension_providers(yaml: &str) -> Result<Vec<ExtAuthzProvider>, Me
                         headers_to_downstream_on_deny: lower(&h.headers_to_downstream_on_deny),
                         headers_to_downstream_on_allow: lower(&h.headers_to_downstream_on_allow),
                     }),
+                    body,
                 }
             }
             (None, Some(g)) => {
@@ -185,7 +212,7 @@ pub fn parse_extension_providers(yaml: &str) -> Result<Vec<ExtAuthzProvider>, Me
                     g.status_on_error.as_deref(),
                 )
                 .map_err(bad)?;
-                check_body(g.include_request_body_in_check.as_ref()).map_err(bad)?;
+                let body = check_body(g.include_request_body_in_check.as_ref()).map_err(bad)?;
                 ExtAuthzProvider {
                     name: p.name.clone(),
                     service: common.0,
@@ -194,6 +221,7 @@ pub fn parse_extension_providers(yaml: &str) -> Result<Vec<ExtAuthzProvider>, Me
                     fail_open: g.fail_open,
                     status_on_error: common.3,
                     protocol: ExtAuthzProtocol::Grpc,
+                    body,
                 }
             }
             (Some(_), Some(_)) => {
@@ -213,13 +241,22 @@ fn lower(v: &[String]) -> Vec<String> {
     v.iter().map(|s| s.to_ascii_lowercase()).collect()
 }
 
-fn check_body(body: Option<&RawBody>) -> Result<(), String> {
-    match body {
-        None => Ok(()),
-        Some(_) => Err(
-            "includeRequestBodyInCheck is not supported yet: the gateway does not send the request body to an authorizer; remove it".into(),
-        ),
+fn check_body(body: Option<&RawBody>) -> Result<Option<BodySettings>, String> {
+    let Some(b) = body else {
+        return Ok(None);
+    };
+    // Envoy refuses 0 too (its buffer settings need a positive size).
+    if b.max_request_bytes == 0 || b.max_request_bytes > MAX_CHECK_BODY {
+        return Err(format!(
+            "includeRequestBodyInCheck.maxRequestBytes must be between 1 and {MAX_CHECK_BODY} (got {})",
+            b.max_request_bytes
+        ));
     }
+    Ok(Some(BodySettings {
+        max_request_bytes: b.max_request_bytes as usize,
+        allow_partial_message: b.allow_partial_message,
+        pack_as_bytes: b.pack_as_bytes,
+    }))
 }
 
 /// Service host, port, timeout and statusOnError, checked.
@@ -284,6 +321,22 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn include_request_body_in_check_is_read_as_istio_spells_it() {
+        let p = parse_extension_providers(
+            "extensionProviders:\n- name: a\n  envoyExtAuthzGrpc:\n    service: a\n    port: 9000\n    includeRequestBodyInCheck: {maxRequestBytes: 1024, allowPartialMessage: true, packAsBytes: true}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p[0].body,
+            Some(BodySettings {
+                max_request_bytes: 1024,
+                allow_partial_message: true,
+                pack_as_bytes: true
+            })
+        );
+    }
+
     /// The shapes of Istio's ext-authz task (istio.io, "External Authorization").
     const ISTIO_TASK: &str = r#"
 accessLogFile: /dev/stdout
@@ -345,7 +398,8 @@ extensionProviders:
             ("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a, port: 80, statusOnError: teapot}}]", "not an HTTP status"),
             ("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a, port: 80, pathPrefix: check}}]", "must start with '/'"),
             ("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: a, port: 80}}, {name: a, envoyExtAuthzGrpc: {service: b, port: 80}}]", "unique"),
-            ("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: a, port: 80, includeRequestBodyInCheck: {maxRequestBytes: 10}}}]", "not supported yet"),
+            ("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: a, port: 80, includeRequestBodyInCheck: {allowPartialMessage: true}}}]", "maxRequestBytes must be between 1"),
+            ("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a, port: 80, includeRequestBodyInCheck: {maxRequestBytes: 10, packAsByte: true}}}]", "unknown field"),
             ("extensionProviders: {name: a}", "not valid YAML"),
         ];
         for (yaml, expected) in cases {

@@ -59,6 +59,31 @@ pub enum BodyError {
 /// Longest a whole request body may take, however steadily it trickles.
 pub const BODY_TOTAL: Duration = Duration::from_secs(120);
 
+/// The next data of a body (`None` at its end), waiting at most `idle`
+/// and never past `end`.
+async fn next_data<B>(
+    body: &mut B,
+    idle: Duration,
+    end: tokio::time::Instant,
+) -> Result<Option<Bytes>, BodyError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    loop {
+        let wait = idle.min(end.saturating_duration_since(tokio::time::Instant::now()));
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) if wait < idle => return Err(BodyError::TooSlow(BODY_TOTAL)),
+            Err(_) => return Err(BodyError::Stalled(idle)),
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(_))) => return Err(BodyError::Read),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
+}
+
 /// Reads a whole request body of at most `max` bytes, allowing at most
 /// `idle` between two of its frames and `BODY_TOTAL` in all.
 pub async fn read_body<B>(mut body: B, max: usize, idle: Duration) -> Result<Bytes, BodyError>
@@ -67,21 +92,94 @@ where
 {
     let mut out = BytesMut::new();
     let end = tokio::time::Instant::now() + BODY_TOTAL;
-    loop {
-        let wait = idle.min(end.saturating_duration_since(tokio::time::Instant::now()));
-        let frame = match tokio::time::timeout(wait, body.frame()).await {
-            Err(_) if wait < idle => return Err(BodyError::TooSlow(BODY_TOTAL)),
-            Err(_) => return Err(BodyError::Stalled(idle)),
-            Ok(None) => return Ok(out.freeze()),
-            Ok(Some(Err(_))) => return Err(BodyError::Read),
-            Ok(Some(Ok(f))) => f,
-        };
-        if let Ok(data) = frame.into_data() {
-            if out.len() + data.len() > max {
-                return Err(BodyError::TooLarge(max));
-            }
-            out.extend_from_slice(&data);
+    while let Some(data) = next_data(&mut body, idle, end).await? {
+        if out.len() + data.len() > max {
+            return Err(BodyError::TooLarge(max));
         }
+        out.extend_from_slice(&data);
+    }
+    Ok(out.freeze())
+}
+
+/// A request body whose start may have been read already (for an external
+/// authorizer's check); it is sent on as if it had not.
+pub struct Prefixed<B> {
+    buffered: Bytes,
+    rest: B,
+    /// `rest` has ended.
+    done: bool,
+}
+
+impl<B> Prefixed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    pub fn new(rest: B) -> Self {
+        Prefixed {
+            buffered: Bytes::new(),
+            rest,
+            done: false,
+        }
+    }
+
+    /// Reads until more than `max` bytes are held or the body ends (with
+    /// the same deadlines as `read_body`); whether it ended.
+    pub async fn buffer(&mut self, max: usize, idle: Duration) -> Result<bool, BodyError> {
+        let mut out = BytesMut::from(std::mem::take(&mut self.buffered));
+        let end = tokio::time::Instant::now() + BODY_TOTAL;
+        while out.len() <= max {
+            match next_data(&mut self.rest, idle, end).await? {
+                Some(data) => out.extend_from_slice(&data),
+                None => {
+                    self.done = true;
+                    break;
+                }
+            }
+        }
+        self.buffered = out.freeze();
+        Ok(self.done)
+    }
+
+    /// What was read ahead.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buffered
+    }
+}
+
+impl<B> http_body::Body for Prefixed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        if !self.buffered.is_empty() {
+            let data = std::mem::take(&mut self.buffered);
+            return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_empty() && (self.done || self.rest.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.size_hint();
+        let extra = self.buffered.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + extra);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint
     }
 }
 
@@ -173,6 +271,29 @@ mod tests {
     use super::*;
     use http_body_util::StreamBody;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_body_read_ahead_is_sent_on_whole_and_in_order() {
+        let frames = || {
+            let chunks: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
+                ["abc", "def", "ghi"]
+                    .iter()
+                    .map(|c| Ok(http_body::Frame::data(Bytes::from_static(c.as_bytes()))))
+                    .collect();
+            StreamBody::new(futures::stream::iter(chunks))
+        };
+        // Past the limit: more than 4 bytes held, the body not ended.
+        let mut body = Prefixed::new(frames());
+        assert!(!body.buffer(4, Duration::from_secs(1)).await.unwrap());
+        assert_eq!(body.buffered(), b"abcdef");
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdefghi");
+        // Within the limit: all of it, ended.
+        let mut body = Prefixed::new(frames());
+        assert!(body.buffer(100, Duration::from_secs(1)).await.unwrap());
+        assert_eq!(body.buffered(), b"abcdefghi");
+        assert!(!http_body::Body::is_end_stream(&body));
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdefghi");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_peer_is_cut_after_the_idle_deadline_and_traffic_keeps_it_up() {

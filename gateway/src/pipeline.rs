@@ -294,6 +294,7 @@ impl Gateway {
         let started = Instant::now();
         let cfg = self.config.current();
         let (mut parts, body) = req.into_parts();
+        let mut body = limits::Prefixed::new(body);
         let host = parts
             .headers
             .get(header::HOST)
@@ -381,12 +382,31 @@ impl Gateway {
         let providers = authz::custom_providers(&cfg.policies, &attrs);
         if !providers.is_empty() {
             let ext_authz = self.ext_authz.load();
+            // includeRequestBodyInCheck: the body's start is read ahead
+            // (and sent on unchanged).
+            let mut complete = None;
+            if let Some(max) = ext_authz.body_wanted(&providers) {
+                match body.buffer(max, self.deadlines.body_idle).await {
+                    Ok(c) => complete = Some(c),
+                    Err(e) => {
+                        let code = match e {
+                            BodyError::Stalled(_) | BodyError::TooSlow(_) => {
+                                self.metrics.client_timeout("body");
+                                StatusCode::REQUEST_TIMEOUT
+                            }
+                            _ => StatusCode::BAD_REQUEST,
+                        };
+                        return fail(&self, &access, code, &format!("{e}\n"), "body read");
+                    }
+                }
+            }
             let input = CheckInput {
                 method: &parts.method,
                 host: &host,
                 path_and_query: &path_and_query,
                 headers: &parts.headers,
                 principal: source.principal.as_deref(),
+                body: complete.map(|c| (body.buffered(), c)),
             };
             for name in providers {
                 let (verdict, outcome) = ext_authz.check(name, &input).await;

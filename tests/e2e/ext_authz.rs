@@ -385,3 +385,105 @@ async fn on_kubernetes_the_providers_come_from_istios_configmap() {
     )
     .await;
 }
+
+/// `includeRequestBodyInCheck`: the body goes to the authorizers that ask
+/// for it (a content filter), cut to their `maxRequestBytes`, flagged
+/// partial as Envoy flags it, or refused with 413 when partial messages
+/// are not allowed; the provider still gets the whole body.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_body_goes_to_authorizers_that_ask_for_it() {
+    let mesh = format!(
+        r#"extensionProviders:
+- name: body-http
+  envoyExtAuthzHttp:
+    service: {AUTHZ_HOST}
+    port: "{AUTHZ_PORT}"
+    timeout: 2s
+    includeRequestHeadersInCheck: ["x-ext-authz"]
+    headersToDownstreamOnDeny: ["x-ext-authz-check-result"]
+    includeRequestBodyInCheck: {{maxRequestBytes: 4096, allowPartialMessage: false}}
+- name: body-grpc
+  envoyExtAuthzGrpc:
+    service: {AUTHZ_HOST}
+    port: "{AUTHZ_GRPC_PORT}"
+    timeout: 2s
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true, packAsBytes: true}}
+"#
+    );
+    let policy = |name: &str, provider: &str, sa: &str| {
+        CUSTOM_POLICY
+            .replace("name: ext-authz,", &format!("name: {name},"))
+            .replace("sample-ext-authz-http", provider)
+            .replace("sa/sleep", &format!("sa/{sa}"))
+    };
+    let lab = lab_with_policy(
+        &mesh,
+        &format!(
+            "{}---\n{}",
+            policy("body-http", "body-http", "sleep"),
+            policy("body-grpc", "body-grpc", "other")
+        ),
+    );
+    let authorizer = Authorizer::start(&lab, 0);
+    until_custom_applies(&lab).await;
+    let send = |sa: &'static str, body: String| {
+        let lab = &lab;
+        async move {
+            let stream = lab
+                .tunnel_client("agent")
+                .connect(&format!("{}:80", lab.ip), &identity("default", sa))
+                .await
+                .expect("tunnel stream");
+            let mut http = http_over(stream).await;
+            let mut req = seed_request(&body);
+            req.headers_mut().insert("x-ext-authz", "allow".parse().unwrap());
+            let resp = http.send_request(req).await.expect("response");
+            (resp.status(), body_text(resp).await)
+        }
+    };
+    let clean = SEED_BODY.to_string();
+    // HTTP: the whole body is checked, and the provider gets all of it.
+    let (status, text) = send("sleep", clean.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let check = authorizer.checks().pop().unwrap();
+    assert_eq!(check["body"], clean.as_str());
+    assert_eq!(check["headers"]["x-envoy-auth-partial-body"], "false");
+    let seen = lab.provider_requests().pop().unwrap();
+    assert_eq!(seen["body"]["messages"][0]["content"], "Tell me about yourself");
+    // A body the authorizer refuses never reaches the provider.
+    let before = lab.provider_requests().len();
+    let (status, text) = send(
+        "sleep",
+        clean.replace("Tell me about yourself", "something forbidden"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert_eq!(lab.provider_requests().len(), before);
+    // Larger than maxRequestBytes, partial messages not allowed: 413, and
+    // the authorizer is not asked.
+    let checks = authorizer.checks().len();
+    let big = clean.replace("Tell me about yourself", &"x".repeat(5000));
+    let (status, _) = send("sleep", big.clone()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(authorizer.checks().len(), checks);
+    // gRPC, 16 bytes, partial allowed, as bytes: the start of the body is
+    // checked, flagged partial; the provider gets the whole body.
+    let (status, text) = send("other", big.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let check = authorizer.checks().pop().unwrap();
+    assert_eq!(check["protocol"], "grpc");
+    assert_eq!(check["rawBody"], &big[..16]);
+    assert_eq!(check["body"], "");
+    assert_eq!(check["headers"]["x-envoy-auth-partial-body"], "true");
+    let seen = lab.provider_requests().pop().unwrap();
+    assert_eq!(seen["body"]["messages"][0]["content"], "x".repeat(5000));
+    let metrics = lab.admin_get("/metrics").await;
+    assert_eq!(
+        series_value(
+            &metrics,
+            "llm_egress_gateway_ext_authz_checks_total",
+            &[("provider", "body-http"), ("result", "body_too_large")]
+        ),
+        Some(1.0)
+    );
+}

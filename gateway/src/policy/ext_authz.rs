@@ -69,7 +69,25 @@ pub struct CheckInput<'a> {
     pub headers: &'a HeaderMap,
     /// Peer principal, `cluster.local/ns/NS/sa/SA`.
     pub principal: Option<&'a str>,
+    /// The start of the request body, read for authorizers that want it
+    /// (`includeRequestBodyInCheck`), and whether it is the whole body.
+    pub body: Option<(&'a [u8], bool)>,
 }
+
+/// The part of a request body one authorizer gets: at most its
+/// `maxRequestBytes`, and whether that is less than the whole body.
+fn check_body<'a>(provider: &ExtAuthzProvider, input: &CheckInput<'a>) -> Option<(&'a [u8], bool)> {
+    let settings = provider.body?;
+    let (buffered, complete) = input.body.unwrap_or((&[], true));
+    let cut = buffered.len() > settings.max_request_bytes;
+    Some((
+        &buffered[..buffered.len().min(settings.max_request_bytes)],
+        cut || !complete,
+    ))
+}
+
+/// The header Envoy adds to a check that carries a body.
+const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 
 #[derive(Debug)]
 pub enum Verdict {
@@ -95,6 +113,9 @@ pub enum Outcome {
     ErrorDenied,
     /// The policy names no provider of the mesh config: fail closed.
     UnknownProvider,
+    /// The body is larger than `maxRequestBytes` and partial messages are
+    /// not allowed: 413, as Envoy answers.
+    BodyTooLarge,
 }
 
 impl Outcome {
@@ -105,6 +126,7 @@ impl Outcome {
             Outcome::ErrorAllowed => "error_fail_open",
             Outcome::ErrorDenied => "error",
             Outcome::UnknownProvider => "unknown_provider",
+            Outcome::BodyTooLarge => "body_too_large",
         }
     }
 }
@@ -151,6 +173,15 @@ impl ExtAuthz {
         n
     }
 
+    /// The most body any of `names` wants in its check (`None`: none does).
+    pub fn body_wanted(&self, names: &[&str]) -> Option<usize> {
+        names
+            .iter()
+            .filter_map(|n| self.providers.get(*n)?.body)
+            .map(|b| b.max_request_bytes)
+            .max()
+    }
+
     /// Asks provider `name` about a request.
     pub async fn check(&self, name: &str, input: &CheckInput<'_>) -> (Verdict, Outcome) {
         let Some(provider) = self.providers.get(name) else {
@@ -158,6 +189,11 @@ impl ExtAuthz {
             // deny of what it matches, never into an allow.
             return (deny_empty(StatusCode::FORBIDDEN), Outcome::UnknownProvider);
         };
+        if let (Some(settings), Some((_, true))) = (provider.body, check_body(provider, input)) {
+            if !settings.allow_partial_message {
+                return (deny_empty(StatusCode::PAYLOAD_TOO_LARGE), Outcome::BodyTooLarge);
+            }
+        }
         let settings = match &provider.protocol {
             ExtAuthzProtocol::Http(s) => s,
             ExtAuthzProtocol::Grpc => return self.check_grpc(provider, input).await,
@@ -212,7 +248,7 @@ impl ExtAuthz {
             return on_error(provider);
         };
         let mut client = client.clone();
-        let request = grpc_check_request(input);
+        let request = grpc_check_request(provider, input);
         let answer = tokio::time::timeout(provider.timeout, client.check(request)).await;
         let Ok(Ok(answer)) = answer else {
             return on_error(provider);
@@ -222,10 +258,21 @@ impl ExtAuthz {
 }
 
 /// The `CheckRequest` Envoy would send for `input`.
-fn grpc_check_request(input: &CheckInput) -> auth::CheckRequest {
+fn grpc_check_request(provider: &ExtAuthzProvider, input: &CheckInput) -> auth::CheckRequest {
     let mut headers = HashMap::new();
+    let mut body = String::new();
+    let mut raw_body = Vec::new();
+    if let Some((bytes, partial)) = check_body(provider, input) {
+        headers.insert(PARTIAL_BODY_HEADER.to_string(), partial.to_string());
+        if provider.body.is_some_and(|b| b.pack_as_bytes) {
+            raw_body = bytes.to_vec();
+        } else {
+            body = String::from_utf8_lossy(bytes).into_owned();
+        }
+    }
     for (name, value) in input.headers {
-        if NEVER_COPIED.contains(&name.as_str()) {
+        // The partial-body flag is the gateway's to set, never a client's.
+        if NEVER_COPIED.contains(&name.as_str()) || name == PARTIAL_BODY_HEADER {
             continue;
         }
         if let Ok(v) = value.to_str() {
@@ -255,6 +302,12 @@ fn grpc_check_request(input: &CheckInput) -> auth::CheckRequest {
                     host: input.host.to_string(),
                     scheme: "http".into(),
                     protocol: "HTTP/1.1".into(),
+                    size: input
+                        .body
+                        .filter(|(_, complete)| *complete)
+                        .map_or(-1, |(b, _)| b.len() as i64),
+                    body,
+                    raw_body,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -381,7 +434,10 @@ fn check_request(
         &settings.include_request_headers
     };
     for (name, value) in input.headers {
-        if !NEVER_COPIED.contains(&name.as_str()) && name_selected(name.as_str(), patterns) {
+        if !NEVER_COPIED.contains(&name.as_str())
+            && name != PARTIAL_BODY_HEADER
+            && name_selected(name.as_str(), patterns)
+        {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -399,7 +455,17 @@ fn check_request(
             headers.insert("x-forwarded-client-cert", v);
         }
     }
-    builder.body(Full::new(Bytes::new())).ok()
+    let body = match check_body(provider, input) {
+        Some((bytes, partial)) => {
+            headers.insert(
+                PARTIAL_BODY_HEADER,
+                HeaderValue::from_static(if partial { "true" } else { "false" }),
+            );
+            Bytes::copy_from_slice(bytes)
+        }
+        None => Bytes::new(),
+    };
+    builder.body(Full::new(body)).ok()
 }
 
 #[cfg(test)]
@@ -415,7 +481,76 @@ mod tests {
             fail_open: false,
             status_on_error: 503,
             protocol: ExtAuthzProtocol::Http(settings),
+            body: None,
         }
+    }
+
+    #[test]
+    fn the_body_goes_to_authorizers_that_ask_cut_to_their_limit() {
+        let mut p = provider(HttpSettings::default());
+        p.body = Some(llm_egress_config::mesh_config::BodySettings {
+            max_request_bytes: 5,
+            allow_partial_message: true,
+            pack_as_bytes: false,
+        });
+        let client = headers(&[("x-envoy-auth-partial-body", "false")]);
+        let settings = HttpSettings {
+            include_request_headers: vec!["x-envoy-*".into()],
+            ..Default::default()
+        };
+        for (body, complete, sent, partial) in [
+            (&b"hello world"[..], true, &b"hello"[..], "true"),
+            (&b"hi"[..], true, &b"hi"[..], "false"),
+            (&b"hi"[..], false, &b"hi"[..], "true"),
+        ] {
+            let input = CheckInput {
+                method: &Method::POST,
+                host: "h",
+                path_and_query: "/",
+                headers: &client,
+                principal: None,
+                body: Some((body, complete)),
+            };
+            let req = check_request(&p, &settings, &input).unwrap();
+            assert_eq!(req.headers().get_all(PARTIAL_BODY_HEADER).iter().count(), 1);
+            assert_eq!(req.headers()[PARTIAL_BODY_HEADER], partial);
+            let grpc = grpc_check_request(&p, &input);
+            let http = grpc.attributes.unwrap().request.unwrap().http.unwrap();
+            assert_eq!(http.body.as_bytes(), sent);
+            assert_eq!(http.headers[PARTIAL_BODY_HEADER], partial);
+            let got = futures::executor::block_on(req.into_body().collect())
+                .unwrap()
+                .to_bytes();
+            assert_eq!(&got[..], sent);
+        }
+        // packAsBytes: raw_body, not body.
+        p.body = p.body.map(|b| llm_egress_config::mesh_config::BodySettings {
+            pack_as_bytes: true,
+            ..b
+        });
+        let input = CheckInput {
+            method: &Method::POST,
+            host: "h",
+            path_and_query: "/",
+            headers: &client,
+            principal: None,
+            body: Some((&[0xff, 0x00], true)),
+        };
+        let http = grpc_check_request(&p, &input)
+            .attributes
+            .unwrap()
+            .request
+            .unwrap()
+            .http
+            .unwrap();
+        assert_eq!(
+            (http.raw_body, http.body.as_str(), http.size),
+            (vec![0xff, 0x00], "", 2)
+        );
+        // No body settings: nothing sent, no flag.
+        p.body = None;
+        let req = check_request(&p, &settings, &input).unwrap();
+        assert!(req.headers().get(PARTIAL_BODY_HEADER).is_none());
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -455,6 +590,7 @@ mod tests {
             path_and_query: "/v1/chat/completions?x=1",
             headers: &client,
             principal: Some("cluster.local/ns/default/sa/sleep"),
+            body: None,
         };
         let req = check_request(&p, &settings, &input).unwrap();
         assert_eq!(req.method(), Method::POST);
@@ -489,6 +625,7 @@ mod tests {
             path_and_query: "/v1/models",
             headers: &client,
             principal: None,
+            body: None,
         };
         let req = check_request(&p, &settings, &input).unwrap();
         assert_eq!(req.headers()["authorization"], "Bearer jwt");
@@ -537,6 +674,7 @@ mod tests {
             path_and_query: "/",
             headers: &h,
             principal: None,
+            body: None,
         };
         let (verdict, outcome) = ext.check("ext", &input).await;
         assert_eq!(outcome, Outcome::ErrorDenied);

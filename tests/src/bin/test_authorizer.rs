@@ -3,8 +3,10 @@
 //! `--grpc-listen`), as Istio's `ext-authz` sample does: a check carrying
 //! `x-ext-authz: allow` is allowed (200, `x-ext-authz-check-result:
 //! allowed`); any other is denied (403, `x-ext-authz-check-result: denied`,
-//! and a body saying why). Each check is logged as one JSON line (method,
-//! path, headers), so tests count calls and see what the gateway sent.
+//! and a body saying why). A check whose body (`includeRequestBodyInCheck`)
+//! contains `forbidden` is denied too, as a content filter would. Each
+//! check is logged as one JSON line (method, path, headers, body), so tests
+//! count calls and see what the gateway sent.
 
 use std::{convert::Infallible, io::Write, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -33,6 +35,9 @@ struct Args {
 }
 
 type Log = Arc<std::sync::Mutex<std::fs::File>>;
+
+/// A word no request body may carry.
+const FORBIDDEN: &str = "forbidden";
 
 fn record(log: &Log, value: serde_json::Value) {
     if let Ok(mut f) = log.lock() {
@@ -75,10 +80,15 @@ impl pb::Authorization for GrpcAuthorizer {
                 "host": http.host,
                 "headers": http.headers,
                 "principal": principal,
+                "body": http.body,
+                "rawBody": String::from_utf8_lossy(&http.raw_body),
+                "size": http.size,
             }),
         );
         tokio::time::sleep(self.delay).await;
-        let allow = http.headers.get("x-ext-authz").is_some_and(|v| v == "allow");
+        let allow = http.headers.get("x-ext-authz").is_some_and(|v| v == "allow")
+            && !http.body.contains(FORBIDDEN)
+            && !String::from_utf8_lossy(&http.raw_body).contains(FORBIDDEN);
         let response = if allow {
             pb::CheckResponse {
                 status: Some(envoy_types::pb::google::rpc::Status {
@@ -156,10 +166,12 @@ async fn main() -> anyhow::Result<()> {
                         "path": parts.uri.to_string(),
                         "headers": headers,
                         "bodyBytes": body.len(),
+                        "body": String::from_utf8_lossy(&body),
                     });
                     crate::record(&log, record);
                     tokio::time::sleep(delay).await;
-                    let allow = parts.headers.get("x-ext-authz").is_some_and(|v| v == "allow");
+                    let allow = parts.headers.get("x-ext-authz").is_some_and(|v| v == "allow")
+                        && !String::from_utf8_lossy(&body).contains(FORBIDDEN);
                     let resp = if allow {
                         Response::builder()
                             .status(StatusCode::OK)
