@@ -26,7 +26,7 @@ use crate::{
     policy::jwt,
     route,
     upstream::outlier::{self, Outliers},
-    upstream::{self, Upstream},
+    upstream::{self, Upstream, UpstreamError},
 };
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -135,16 +135,18 @@ fn budget_refusal(message: &str, retry_after: Option<std::time::Duration>) -> Re
 
 /// Tokens a request spent: the usage the provider reported; nothing when it
 /// served nothing; all that was reserved when a served answer reported no
-/// usage or ran past its limit; and when the client left before the usage
-/// arrived, the prompt and the output it saw.
-fn spent(outcome: &Outcome, served: bool, r: &Reservation) -> u64 {
+/// usage or ran past its limit; and when the client left a stream before
+/// the usage arrived, the prompt's bound and a bound of the output it was
+/// sent (its bytes; a token is at least one). A non-streamed answer the
+/// client left is charged in full: the provider finished it.
+fn spent(outcome: &Outcome, served: bool, streamed: bool, r: &Reservation) -> u64 {
     match outcome.usage {
         Some(u) => u.prompt_tokens.saturating_add(u.completion_tokens),
         None if !served => 0,
-        None if outcome.finished || outcome.overran => r.reserved(),
+        None if outcome.finished || outcome.overran || !streamed => r.reserved(),
         None => r
             .prompt()
-            .saturating_add(outcome.completion_pieces)
+            .saturating_add(outcome.completion_bytes)
             .min(r.reserved()),
     }
 }
@@ -538,12 +540,11 @@ impl Gateway {
                 Admission::Unavailable { message } => {
                     let code = StatusCode::SERVICE_UNAVAILABLE;
                     self.record(&access, code, started, None, "budget store unavailable");
-                    return Ok(openai_error_coded(
-                        code,
-                        &message,
-                        "server_error",
-                        "budget_store_unavailable".into(),
-                    ));
+                    let mut resp =
+                        openai_error_coded(code, &message, "server_error", "budget_store_unavailable".into());
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                    return Ok(resp);
                 }
             }
         }
@@ -636,10 +637,20 @@ impl Gateway {
                     })
                     .inc();
             };
+            // Once a provider may have the request, it may bill it: a
+            // reservation dropped from here on (the client leaving, a
+            // timeout) is charged in full.
+            if let Some(r) = reservation.as_mut() {
+                r.mark_sent(true);
+            }
             match self.upstream.send(up).await {
                 Ok(r) => {
                     let limited = r.status() == StatusCode::TOO_MANY_REQUESTS;
                     if r.status().is_server_error() || limited {
+                        // A refusal is not billed.
+                        if let Some(r) = reservation.as_mut() {
+                            r.mark_sent(false);
+                        }
                         let wait = outlier::retry_after(r.headers()).filter(|_| limited);
                         self.note_failure(provider, wait);
                         // Failover only before any byte of an answer reached
@@ -657,6 +668,9 @@ impl Gateway {
                     break;
                 }
                 Err(e) => {
+                    if let (Some(r), UpstreamError::Connect(_)) = (reservation.as_mut(), &e) {
+                        r.mark_sent(false);
+                    }
                     attempt(e.reason());
                     self.note_failure(provider, None);
                     self.metrics
@@ -730,7 +744,7 @@ impl Gateway {
                 operation,
             };
             if let Some(r) = reservation {
-                let tokens = spent(&outcome, code.is_success(), &r);
+                let tokens = spent(&outcome, code.is_success(), stream, &r);
                 r.settle(tokens);
             }
             this.record(

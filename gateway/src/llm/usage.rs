@@ -112,6 +112,38 @@ pub fn completion_pieces(v: &serde_json::Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes of generated output a chunk carries (the same fields as
+/// `completion_pieces`; tool calls by their JSON). A token is at least one
+/// byte, so this bounds from above the tokens the client was sent.
+pub fn completion_bytes(v: &serde_json::Value) -> u64 {
+    let len = |x: Option<&serde_json::Value>| match x {
+        Some(serde_json::Value::String(s)) => s.len() as u64,
+        Some(serde_json::Value::Array(a)) if !a.is_empty() => {
+            serde_json::to_vec(a).map_or(0, |j| j.len() as u64)
+        }
+        _ => 0,
+    };
+    if v.get("type").and_then(|t| t.as_str()).is_some() {
+        return len(v.get("delta"));
+    }
+    v.get("choices")
+        .and_then(|c| c.as_array())
+        .map(|choices| {
+            choices
+                .iter()
+                .map(|c| {
+                    let delta = c.get("delta");
+                    len(c.get("text"))
+                        + ["content", "reasoning_content", "tool_calls"]
+                            .iter()
+                            .map(|k| len(delta.and_then(|d| d.get(*k))))
+                            .sum::<u64>()
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// What ends a stream that ran past the completion its budget reserved: an
 /// error event in OpenAI's shape, which SDKs raise as an API error.
 fn overrun_event(limit: u64) -> Vec<u8> {
@@ -249,8 +281,8 @@ pub enum Extractor {
         last: Option<Usage>,
         details: Option<TokenDetails>,
         model: Option<String>,
-        /// Pieces of output seen (see `completion_pieces`).
-        pieces: u64,
+        /// Bytes of output seen (see `completion_bytes`).
+        bytes: u64,
     },
     None,
 }
@@ -263,7 +295,7 @@ impl Extractor {
                 last: None,
                 details: None,
                 model: None,
-                pieces: 0,
+                bytes: 0,
             },
             Some(c) if c == "application/json" || c.ends_with("+json") => Extractor::Json {
                 buf: Vec::new(),
@@ -288,7 +320,7 @@ impl Extractor {
                 last,
                 details,
                 model,
-                pieces,
+                bytes,
             } => {
                 for &b in chunk {
                     if b == b'\n' {
@@ -303,7 +335,7 @@ impl Extractor {
                                     if model.is_none() {
                                         *model = model_of(&v);
                                     }
-                                    *pieces += completion_pieces(&v);
+                                    *bytes += completion_bytes(&v);
                                 }
                             }
                         }
@@ -355,10 +387,10 @@ impl Extractor {
         matches!(self, Extractor::Sse { .. })
     }
 
-    /// Pieces of output a stream carried so far (0 for other answers).
-    pub fn pieces(&self) -> u64 {
+    /// Bytes of output a stream carried so far (0 for other answers).
+    pub fn output_bytes(&self) -> u64 {
         match self {
-            Extractor::Sse { pieces, .. } => *pieces,
+            Extractor::Sse { bytes, .. } => *bytes,
             _ => 0,
         }
     }
@@ -383,8 +415,8 @@ pub struct Outcome {
     pub finished: bool,
     /// When the first data arrived, for a streamed (SSE) answer.
     pub first_chunk_at: Option<std::time::Instant>,
-    /// Pieces of output a stream carried (each at least one token).
-    pub completion_pieces: u64,
+    /// Bytes of output a stream carried: at least its tokens.
+    pub completion_bytes: u64,
     /// The stream was ended for running past its budget's reservation.
     pub overran: bool,
 }
@@ -438,7 +470,7 @@ impl<B> TappedBody<B> {
                 response_model: e.model,
                 finished,
                 first_chunk_at: self.first_chunk_at,
-                completion_pieces: self.extractor.pieces(),
+                completion_bytes: self.extractor.output_bytes(),
                 overran: self.filter.as_ref().is_some_and(SseFilter::overran),
             });
         }
@@ -660,6 +692,24 @@ mod tests {
         out.extend(f.finish());
         assert!(!f.overran());
         assert_eq!(String::from_utf8(out).unwrap(), stream);
+    }
+
+    #[test]
+    fn output_bytes_bound_the_tokens_sent() {
+        let v = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+        assert_eq!(
+            completion_bytes(&v(r#"{"choices":[{"delta":{"content":"héllo"}},{"text":"ab"}]}"#)),
+            8
+        );
+        assert_eq!(
+            completion_bytes(&v(r#"{"type":"response.output_text.delta","delta":"hi"}"#)),
+            2
+        );
+        assert_eq!(
+            completion_bytes(&v(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#)),
+            0
+        );
+        assert!(completion_bytes(&v(r#"{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#)) > 0);
     }
 
     #[test]

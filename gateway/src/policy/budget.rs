@@ -133,10 +133,19 @@ pub fn limit_field(operation: Operation) -> Option<&'static str> {
 impl Cost {
     pub fn of(body: &[u8], operation: Operation) -> Cost {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        // The largest limit: providers differ in which field they honour.
+        // Each of `n` (or `best_of`) choices may reach it.
+        let choices = ["n", "best_of"]
+            .iter()
+            .filter_map(|f| v.get(*f)?.as_u64())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let completion_limit = limit_fields(operation)
             .iter()
             .filter_map(|f| v.get(*f)?.as_u64())
-            .min();
+            .max()
+            .map(|n| n.saturating_mul(choices));
         Cost {
             model: v.get("model").and_then(|m| m.as_str()).map(str::to_string),
             prompt: body.len() as u64,
@@ -256,7 +265,9 @@ return {1, 0, 0}
 const ADJUST_LUA: &str = r#"
 for i = 1, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], ARGV[1])
+    if redis.call('INCRBY', KEYS[i], ARGV[1]) < 0 then
+      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+    end
   end
 end
 return 1
@@ -449,6 +460,7 @@ impl Budgets {
                         slots,
                         reserved: amount,
                         prompt: cost.prompt,
+                        sent: false,
                         settled: false,
                     },
                     completion_limit,
@@ -490,13 +502,15 @@ impl Budgets {
     }
 }
 
-/// Tokens held for one request. Dropped without `settle` (the request
-/// failed before anything was served), it is given back.
+/// Tokens held for one request. Dropped without `settle`, it is given
+/// back if no provider had the request yet, else charged in full (the
+/// provider may bill what it was sent, whatever became of its answer).
 pub struct Reservation {
     budgets: Arc<Budgets>,
     slots: Vec<Slot>,
     reserved: u64,
     prompt: u64,
+    sent: bool,
     settled: bool,
 }
 
@@ -508,6 +522,11 @@ impl Reservation {
 
     pub fn reserved(&self) -> u64 {
         self.reserved
+    }
+
+    /// Whether a provider may have the request (and bill it).
+    pub fn mark_sent(&mut self, sent: bool) {
+        self.sent = sent;
     }
 
     /// Charges `spent` tokens: gives back what was reserved beyond it (or
@@ -529,7 +548,10 @@ impl Reservation {
                 })
                 .inc_by(spent);
         }
-        let delta = spent as i64 - self.reserved as i64;
+        // A hostile usage report must not wrap the counters.
+        let delta = i64::try_from(spent)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(self.reserved).unwrap_or(i64::MAX));
         if delta == 0 {
             return;
         }
@@ -552,7 +574,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.finish(0);
+        self.finish(if self.sent { self.reserved } else { 0 });
     }
 }
 
@@ -627,15 +649,27 @@ mod tests {
             store.admit(&b, &A, &cost(10, Some(20))).await,
             Admission::Reserved { .. }
         ));
-        // Dropped unsettled (nothing served): all of it comes back.
+        // Dropped unsettled before any provider had it: given back. Dropped
+        // after it was sent (the client left, a timeout): charged in full.
+        // So 5 (settled) + 30 (sent) are used, and two more fit, not three.
+        let mut sent = held.pop().unwrap();
+        sent.mark_sent(true);
+        drop(sent);
         drop(held);
         tokio::task::yield_now().await;
-        for _ in 0..2 {
-            assert!(matches!(
-                store.admit(&b, &A, &cost(10, Some(20))).await,
-                Admission::Reserved { .. }
-            ));
-        }
+        let c = cost(10, Some(20));
+        let admit = || store.admit(&b, &A, &c);
+        let (Admission::Reserved { reservation: k1, .. }, Admission::Reserved { reservation: k2, .. }) =
+            (admit().await, admit().await)
+        else {
+            panic!("35 + 60 fits in 100");
+        };
+        assert!(
+            matches!(admit().await, Admission::Refused { .. }),
+            "95 + 30 does not"
+        );
+        let kept = (k1, k2);
+        drop(kept);
     }
 
     #[tokio::test]
@@ -707,7 +741,12 @@ mod tests {
         let c = Cost::of(body, Operation::Chat);
         assert_eq!(
             (c.completion_limit, c.prompt, c.model.as_deref()),
-            (Some(30), body.len() as u64, Some("m"))
+            (Some(50), body.len() as u64, Some("m"))
+        );
+        // Every choice may use the whole limit.
+        assert_eq!(
+            Cost::of(br#"{"max_tokens":50,"n":3}"#, Operation::Chat).completion_limit,
+            Some(150)
         );
         assert_eq!(
             Cost::of(br#"{"max_output_tokens":7}"#, Operation::Responses).completion_limit,
