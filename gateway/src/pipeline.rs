@@ -164,6 +164,18 @@ struct Access<'a> {
 }
 
 impl Gateway {
+    /// The answer to a request body that could not be read, and why.
+    fn body_failure(&self, e: &BodyError) -> (StatusCode, &'static str) {
+        match e {
+            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+            BodyError::Stalled(_) | BodyError::TooSlow(_) => {
+                self.metrics.client_timeout("body");
+                (StatusCode::REQUEST_TIMEOUT, "body stalled")
+            }
+            BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
+        }
+    }
+
     fn note_failure(&self, provider: &Provider, retry_after: Option<std::time::Duration>) {
         if self.outliers.failure(&provider.name, retry_after) {
             tracing::warn!(
@@ -391,14 +403,8 @@ impl Gateway {
                 match body.buffer(max, self.deadlines.body_idle).await {
                     Ok(c) => complete = Some(c),
                     Err(e) => {
-                        let code = match e {
-                            BodyError::Stalled(_) | BodyError::TooSlow(_) => {
-                                self.metrics.client_timeout("body");
-                                StatusCode::REQUEST_TIMEOUT
-                            }
-                            _ => StatusCode::BAD_REQUEST,
-                        };
-                        return fail(&self, &access, code, &format!("{e}\n"), "body read");
+                        let (code, reason) = self.body_failure(&e);
+                        return fail(&self, &access, code, &format!("{e}\n"), reason);
                     }
                 }
             }
@@ -489,14 +495,7 @@ impl Gateway {
             BodyKind::Json => match limits::read_body(body, self.max_body, self.deadlines.body_idle).await {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    let (code, reason) = match e {
-                        BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
-                        BodyError::Stalled(_) | BodyError::TooSlow(_) => {
-                            self.metrics.client_timeout("body");
-                            (StatusCode::REQUEST_TIMEOUT, "body stalled")
-                        }
-                        BodyError::Read => (StatusCode::BAD_REQUEST, "body read"),
-                    };
+                    let (code, reason) = self.body_failure(&e);
                     return fail(&self, &access, code, &format!("{e}\n"), reason);
                 }
             },

@@ -59,16 +59,7 @@ struct Answer {
 
 /// One streamed completion as `default/<sa>` through the tunnel at `tunnel`.
 async fn call(lab: &GatewayLab, tunnel: SocketAddr, sa: &str, max_tokens: u64) -> Answer {
-    let stream = lab
-        .tunnel_client_to("agent", tunnel)
-        .connect(&format!("{}:80", lab.ip), &identity("default", sa))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(&body(max_tokens)))
-        .await
-        .expect("response");
+    let resp = send_as(lab, tunnel, sa, seed_request(&body(max_tokens))).await;
     Answer {
         status: resp.status(),
         retry_after: resp
@@ -184,16 +175,7 @@ async fn a_client_that_leaves_mid_stream_gives_back_the_rest() {
     // prompt and the few tokens seen), another fits again.
     let tokens = r + prompt_bound + 20;
     let lab = lab(tokens, &["--chunks", "400", "--chunk-delay-ms", "100"], &[]);
-    let stream = lab
-        .tunnel_client("agent")
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(&body(COMPLETION)))
-        .await
-        .expect("response");
+    let resp = send_as(&lab, lab.tunnel_addr(), "sleep", seed_request(&body(COMPLETION))).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut resp_body = resp.into_body();
     let first = resp_body.frame().await.expect("a first chunk").expect("data");
@@ -203,7 +185,6 @@ async fn a_client_that_leaves_mid_stream_gives_back_the_rest() {
     assert_eq!(held.status, StatusCode::TOO_MANY_REQUESTS, "{}", held.body);
     // The client leaves.
     drop(resp_body);
-    drop(http);
     eventually(
         "the reservation to be given back",
         Duration::from_secs(10),

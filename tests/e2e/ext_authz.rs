@@ -429,15 +429,9 @@ async fn the_request_body_goes_to_authorizers_that_ask_for_it() {
     let send = |sa: &'static str, body: String| {
         let lab = &lab;
         async move {
-            let stream = lab
-                .tunnel_client("agent")
-                .connect(&format!("{}:80", lab.ip), &identity("default", sa))
-                .await
-                .expect("tunnel stream");
-            let mut http = http_over(stream).await;
             let mut req = seed_request(&body);
             req.headers_mut().insert("x-ext-authz", "allow".parse().unwrap());
-            let resp = http.send_request(req).await.expect("response");
+            let resp = send_as(lab, lab.tunnel_addr(), sa, req).await;
             (resp.status(), body_text(resp).await)
         }
     };

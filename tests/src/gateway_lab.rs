@@ -503,6 +503,23 @@ pub fn read_all(dir: &Path) -> String {
     out
 }
 
+/// Sends `req` as `default/<sa>` through the tunnel entry `tunnel` (a
+/// gateway replica's); the response head, its body still streaming.
+pub async fn send_as(
+    lab: &GatewayLab,
+    tunnel: SocketAddr,
+    sa: &str,
+    req: Request<Full<Bytes>>,
+) -> Response<Incoming> {
+    let stream = lab
+        .tunnel_client_to("agent", tunnel)
+        .connect(&format!("{}:80", lab.ip), &identity("default", sa))
+        .await
+        .expect("tunnel stream");
+    let mut http = http_over(stream).await;
+    http.send_request(req).await.expect("response")
+}
+
 /// The seed's request as `default/<sa>` through the tunnel, to `path`, with
 /// extra headers: status, headers and body.
 pub async fn call_as(
@@ -511,12 +528,6 @@ pub async fn call_as(
     path: &str,
     extra: &[(&str, &str)],
 ) -> (hyper::StatusCode, hyper::HeaderMap, String) {
-    let stream = lab
-        .tunnel_client("agent")
-        .connect(&format!("{}:80", lab.ip), &identity("default", sa))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
     let mut req = seed_request(SEED_BODY);
     *req.uri_mut() = path.parse().expect("a request path");
     for (k, v) in extra {
@@ -525,25 +536,20 @@ pub async fn call_as(
             v.parse().expect("a header value"),
         );
     }
-    let resp = http.send_request(req).await.expect("response");
+    let resp = send_as(lab, lab.tunnel_addr(), sa, req).await;
     let (status, headers) = (resp.status(), resp.headers().clone());
     (status, headers, body_text(resp).await)
 }
 
 /// A streamed completion's response head, through the tunnel as default/sleep.
 pub async fn stream_call(lab: &GatewayLab) -> Response<Incoming> {
-    let stream = lab
-        .tunnel_client("agent")
-        .connect(&format!("{}:80", lab.ip), &identity("default", "sleep"))
-        .await
-        .expect("tunnel stream");
-    let mut http = http_over(stream).await;
-    let resp = http
-        .send_request(seed_request(
-            r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#,
-        ))
-        .await
-        .expect("response");
+    let resp = send_as(
+        lab,
+        lab.tunnel_addr(),
+        "sleep",
+        seed_request(r#"{"stream": true, "messages": [{"role": "user", "content": "count"}]}"#),
+    )
+    .await;
     assert_eq!(resp.status(), hyper::StatusCode::OK);
     resp
 }
