@@ -9,6 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use setup::Need;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "llm-egress developer commands")]
@@ -100,13 +101,39 @@ pub fn build_bins() -> anyhow::Result<()> {
     run(cmd.arg("--bins"))
 }
 
+/// Only the four programs the demo starts (debug builds).
+fn build_demo_bins() -> anyhow::Result<()> {
+    let step = setup::Step::start(
+        "building the agent (with its eBPF programs), the gateway and the demo's provider (debug; a few minutes the first time)",
+    );
+    run(cargo().args([
+        "build",
+        "-p",
+        "llm-egress-agent",
+        "-p",
+        "llm-egress-gateway",
+        "-p",
+        "llm-egress-tests",
+        "--bin",
+        "llm-egress-agent",
+        "--bin",
+        "llm-egress-gateway",
+        "--bin",
+        "llm-egress-fake-provider",
+        "--bin",
+        "llm-egress-fake-internet",
+    ]))?;
+    step.done();
+    Ok(())
+}
+
 fn test(unit: bool, args: Vec<String>) -> anyhow::Result<()> {
     if !unit && is_root() {
         // First: on a fresh machine it builds every Kubernetes component
         // (the API server too) from one source tree, in one go.
         setup::node_tools()?;
     }
-    setup::setup(!unit)?;
+    setup::setup(if unit { Need::Toolchain } else { Need::Tests })?;
     println!("==> unit tests");
     run(cargo()
         .args([
@@ -162,7 +189,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         seconds,
         profile,
     } = args;
-    setup::setup(true)?;
+    setup::setup(Need::Tests)?;
     setup::bench_peers()?;
     if !is_root() {
         bail!(
@@ -222,7 +249,11 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
             toolchain_only,
             node,
         } => {
-            setup::setup(!toolchain_only)?;
+            setup::setup(if toolchain_only {
+                Need::Toolchain
+            } else {
+                Need::Tests
+            })?;
             if bench {
                 setup::bench_peers()?;
             }
@@ -232,18 +263,18 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::BuildEbpf => {
-            setup::setup(false)?;
+            setup::setup(Need::Toolchain)?;
             run(cargo().args(["build", "-p", "llm-egress-agent"]))
         }
         Cmd::Test { unit, args } => test(unit, args),
         Cmd::Demo => {
-            setup::setup(true)?;
             if !is_root() {
                 bail!(
                     "the demo needs root (eBPF, network namespaces, cgroups): run `sudo -E cargo xtask demo`"
                 );
             }
-            build_bins()?;
+            setup::setup(Need::Demo)?;
+            build_demo_bins()?;
             demo::run()
         }
         Cmd::Bench(args) => bench(args),

@@ -46,7 +46,7 @@ pub fn static_binaries() -> anyhow::Result<()> {
 /// components (built once), static binaries and the images.
 pub fn prepare() -> anyhow::Result<()> {
     crate::setup::node_tools()?;
-    crate::setup::setup(true)?;
+    crate::setup::setup(crate::setup::Need::Tests)?;
     crate::build_bins()?;
     images()
 }

@@ -30,14 +30,16 @@ fn ok(cmd: &mut Command) -> bool {
 
 fn nightly() -> anyhow::Result<()> {
     if !ok(Command::new("rustc").args(["+nightly", "--version"])) {
-        println!("setup: installing the nightly toolchain (builds the eBPF programs)");
+        let step = Step::start("installing the nightly toolchain (builds the eBPF programs)");
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        step.done();
     }
     let installed =
         output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        println!("setup: adding rust-src to the nightly toolchain (-Z build-std=core)");
+        let step = Step::start("adding rust-src to the nightly toolchain (-Z build-std=core)");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        step.done();
     }
     Ok(())
 }
@@ -45,7 +47,11 @@ fn nightly() -> anyhow::Result<()> {
 /// bpf-linker must use the same LLVM major as the nightly rustc; link it
 /// against the nightly's own libLLVM (see ENVIRONMENT.md).
 fn bpf_linker() -> anyhow::Result<()> {
-    let cargo_bin = home().join(".cargo/bin");
+    // rustup puts cargo's bin directory on PATH: $CARGO_HOME/bin.
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"))
+        .join("bin");
     let link = cargo_bin.join("bpf-linker");
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
@@ -64,9 +70,9 @@ fn bpf_linker() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
-    );
+    let step = Step::start(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (once; about a minute)"
+    ));
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     let sys_lib = PathBuf::from(&sysroot).join("lib");
@@ -97,17 +103,22 @@ fn bpf_linker() -> anyhow::Result<()> {
         .args(["--features", &format!("llvm-{major}"), "--root"])
         .arg(&prefix)
         .env("LLVM_PREFIX", &prefix))?;
+    step.done();
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&binary, &link).context("linking bpf-linker into ~/.cargo/bin")?;
     Ok(())
 }
 
-/// Commands the end-to-end tests and the demo run, and their Debian packages.
-const TOOLS: [(&str, &str); 6] = [
+/// Commands the demo runs, and their Debian packages.
+const DEMO_TOOLS: [(&str, &str); 4] = [
     ("ip", "iproute2"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
+];
+
+/// What the end-to-end tests run besides the demo's tools.
+const TEST_TOOLS: [(&str, &str); 2] = [
     // The Kubernetes tests make the API server's service-account key with it.
     ("openssl", "openssl"),
     // The token budget test shares budgets between replicas through it.
@@ -118,8 +129,8 @@ fn have(cmd: &str) -> bool {
     ok(Command::new("sh").arg("-c").arg(format!("command -v {cmd}")))
 }
 
-fn packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = TOOLS
+fn packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, pkg)| *pkg)
@@ -130,8 +141,9 @@ fn packages() -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("missing packages {missing:?}; install them as root (`sudo apt-get install {}`) or run `sudo -E cargo xtask setup`", missing.join(" "));
     }
-    println!("setup: installing Debian packages {missing:?}");
+    let step = Step::start(&format!("installing Debian packages {missing:?}"));
     apt_install(&missing)?;
+    step.done();
     Ok(())
 }
 
@@ -155,18 +167,55 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `system`: also install the Debian packages the end-to-end tests need,
-/// helm, kubectl, kubernetes-validate, and the kube-apiserver + etcd the
-/// Kubernetes tests run against.
-pub fn setup(system: bool) -> anyhow::Result<()> {
+/// How much of the machine a command needs.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Need {
+    /// The eBPF toolchain only (nightly rust-src, bpf-linker).
+    Toolchain,
+    /// The demo: the toolchain and the few commands it runs. No Kubernetes
+    /// tools and no API server: the demo does not use them.
+    Demo,
+    /// The end-to-end tests and the benchmark: also helm, kubectl,
+    /// kubernetes-validate, the kube-apiserver + etcd, Redis and the OpenAI SDK.
+    Tests,
+}
+
+pub fn setup(need: Need) -> anyhow::Result<()> {
     nightly()?;
     bpf_linker()?;
-    if system {
-        packages()?;
+    if need >= Need::Demo {
+        packages(&DEMO_TOOLS)?;
+    }
+    if need >= Need::Tests {
+        packages(&TEST_TOOLS)?;
         kubernetes_tools()?;
         openai_sdk()?;
     }
     Ok(())
+}
+
+/// A slow step's progress line: what it does now, then how long it took.
+pub struct Step {
+    what: String,
+    started: std::time::Instant,
+}
+
+impl Step {
+    pub fn start(what: &str) -> Step {
+        println!("setup: {what} …");
+        Step {
+            what: what.to_string(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn done(self) {
+        println!(
+            "setup: {} done in {:.0} s",
+            self.what,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// The official OpenAI Python SDK in a virtual environment (cached), for
@@ -292,10 +341,11 @@ pub fn bench_peers() -> anyhow::Result<()> {
         pip.push("matplotlib");
     }
     if !pip.is_empty() {
-        println!("setup: installing {pip:?} from PyPI (benchmark peers)");
+        let step = Step::start(&format!("installing {pip:?} from PyPI (benchmark peers)"));
         run(Command::new("python3")
             .args(["-m", "pip", "install", "-q"])
             .args(&pip))?;
+        step.done();
     }
     if !std::path::Path::new("/usr/sbin/nginx").exists() {
         println!("setup: installing nginx-light (benchmark peer)");
