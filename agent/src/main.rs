@@ -367,6 +367,10 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         loader::Capture::install(&cfg.cgroup_root, &cfg.bpffs, cfg.advertise_v4, cfg.advertise_v6)
             .with_context(|| format!("installing capture on cgroup {}", cfg.cgroup_root.display()))?,
     );
+    // Loading parsed the kernel's BTF and the programs' ELF (megabytes,
+    // now freed): give them back rather than keep them for the agent's life.
+    llm_egress_mesh::process::trim_heap();
+    tokio::spawn(llm_egress_mesh::process::release_freed_memory());
     tracing::info!(
         attachment = ?capture.attachment, cgroup_root = %cfg.cgroup_root.display(), pin_dir = %cfg.bpffs.display(),
         advertise_v4 = ?cfg.advertise_v4, advertise_v6 = ?cfg.advertise_v6, "capture installed"

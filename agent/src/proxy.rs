@@ -263,7 +263,7 @@ impl Proxy {
             .await
             .map_err(TunnelFailure::Open)?;
         let _ = client.set_nodelay(true);
-        tokio::io::copy_bidirectional(client, &mut stream)
+        llm_egress_mesh::copy::copy_bidirectional(client, &mut stream)
             .await
             .map_err(TunnelFailure::Io)
     }
@@ -279,7 +279,7 @@ impl Proxy {
             })??;
         let _ = upstream.set_nodelay(true);
         let _ = client.set_nodelay(true);
-        tokio::io::copy_bidirectional(client, &mut upstream).await
+        llm_egress_mesh::copy::copy_bidirectional(client, &mut upstream).await
     }
 }
 

@@ -3,6 +3,8 @@
 //! gateway, and nginx — in one run on one machine, paths interleaved round
 //! by round so that figures are ratios that hold on a noisy machine.
 
+mod curves;
+mod paths;
 pub mod peers;
 pub mod procstat;
 pub mod report;
@@ -17,7 +19,7 @@ use anyhow::{bail, Context};
 use llm_egress_tests::{
     cgroup::{cgroup2_mount, TestCgroup},
     env,
-    process::{self, wait_for, Daemon, Place},
+    process::{self, Daemon, Place},
     topology::{CaptureLab, LLM_V4, OTHER_V4},
 };
 use serde_json::{json, Value};
@@ -31,6 +33,9 @@ pub struct Options {
     /// Record a CPU profile (perf, cpu-clock) of the agent and gateway
     /// during llm-egress's 16-connection saturation run.
     pub profile: bool,
+    /// Also measure LiteLLM's proxy (installed in its own virtual environment).
+    pub litellm: bool,
+    pub sections: Vec<Section>,
 }
 
 /// One way from the client to the provider.
@@ -62,16 +67,32 @@ fn body(model: bool, stream: bool) -> String {
     v.to_string()
 }
 
-fn run_loadgen(lab: &CaptureLab, cgroup: &Path, args: &[String], timeout: Duration) -> anyhow::Result<Value> {
+fn run_loadgen(
+    lab: &CaptureLab,
+    cgroup: &Path,
+    args: &[String],
+    timeout: Duration,
+    cpu: Option<usize>,
+) -> anyhow::Result<Value> {
     let bin = loadgen_bin();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bin = bin.to_str().context("path")?;
+    let cpu = cpu.map(|c| c.to_string());
+    let mut argv: Vec<&str> = Vec::new();
+    let program = match &cpu {
+        Some(c) => {
+            argv.extend(["-c", c.as_str(), bin]);
+            "taskset"
+        }
+        None => bin,
+    };
+    argv.extend(args.iter().map(String::as_str));
     let out = process::run(
         &Place {
             netns: Some(&lab.pod),
             cgroup: Some(cgroup),
         },
-        bin.to_str().context("path")?,
-        &args,
+        program,
+        &argv,
         timeout,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -167,19 +188,101 @@ fn finish_perf(mut child: std::process::Child, out: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Which parts of the benchmark to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Latency, throughput, CPU and SSE for every path (and the ceiling check).
+    Paths,
+    /// The cost of connect() with the eBPF hook.
+    Connect,
+    /// Agent and gateway memory with 0 … 10,000 held captured connections.
+    Memory,
+    /// Cost curves: enrolled pods, policies and routes, reloads under load.
+    Curves,
+}
+
+/// CPUs for what is measured and for the world around it: on a machine
+/// with two or more CPUs the load generator and the provider run on the
+/// first, every proxy under test on the second, so that a proxy's figures
+/// are not the provider's and the provider never starves a proxy.
+#[derive(Clone, Copy)]
+struct Pinning {
+    world: usize,
+    proxies: usize,
+}
+
+impl Pinning {
+    fn detect() -> Option<Pinning> {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let have_taskset = std::process::Command::new("taskset")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        (cpus >= 2 && have_taskset).then_some(Pinning { world: 0, proxies: 1 })
+    }
+}
+
+/// Moves every thread of `pid` (and the threads it starts later) to `cpu`.
+fn pin(pid: u32, cpu: usize) {
+    if pid == 0 {
+        return;
+    }
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-cp", &cpu.to_string(), &pid.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("bench: could not pin process {pid} to CPU {cpu}");
+    }
+}
+
+struct Bench<'a> {
+    opts: &'a Options,
+    lab: CaptureLab,
+    pinning: Option<Pinning>,
+}
+
+impl Bench<'_> {
+    /// Runs the load generator in `cgroup` of the pod's namespace, on the
+    /// world's CPU when pinned.
+    fn loadgen(&self, cgroup: &Path, args: &[String], timeout: Duration) -> anyhow::Result<Value> {
+        run_loadgen(&self.lab, cgroup, args, timeout, self.pinning.map(|p| p.world))
+    }
+
+    fn agent_pid(&self) -> u32 {
+        daemon_pid(&self.lab.agent)
+    }
+
+    fn gateway_pid(&self) -> u32 {
+        daemon_pid(&self.lab.gateway)
+    }
+}
+
+fn daemon_pid(d: &Option<Daemon>) -> u32 {
+    d.as_ref()
+        .and_then(|d| d.child.as_ref())
+        .map(|c| c.id())
+        .unwrap_or(0)
+}
+
 pub fn run(opts: &Options) -> anyhow::Result<Value> {
     std::fs::create_dir_all(&opts.out)?;
     let steal_before = procstat::steal()?;
     let started = std::time::Instant::now();
 
-    println!("bench: setting up the namespaces, the provider, llm-egress, Envoy and nginx");
+    println!("bench: setting up the namespaces, the provider and llm-egress");
     // Access logs off on every path alike (Envoy and nginx are configured so).
     std::env::set_var("RUST_LOG", "warn");
     // One worker each, as Envoy runs with --concurrency 1 and nginx with one
     // worker: a fair comparison on a small machine.
     std::env::set_var("LLM_EGRESS_WORKER_THREADS", "1");
     let mut lab = CaptureLab::new();
+    // The provider: no request log and one worker (it shares the world's
+    // CPU with the load generator); SSE answers paced as a model would.
     lab.provider_extra = [
+        "--no-log",
+        "--workers",
+        "1",
         "--answer-bytes",
         "900",
         "--chunks",
@@ -191,261 +294,54 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
     .map(|s| s.to_string())
     .collect();
     lab.start_mesh();
+    let pinning = Pinning::detect();
+    if let Some(p) = pinning {
+        pin(daemon_pid(&lab.provider), p.world);
+        pin(daemon_pid(&lab.agent), p.proxies);
+        pin(daemon_pid(&lab.gateway), p.proxies);
+    }
+    let mut bench = Bench { opts, lab, pinning };
+    let envoy = peers::envoy_bin()?;
+
+    let mut report = json!({
+        "date": procstat::now_utc(),
+        "machine": procstat::machine(),
+        "versions": report::versions(&envoy, opts.litellm.then(peers::litellm_python).as_ref()),
+        "pinning": pinning.map(|p| json!({"world_cpu": p.world, "proxies_cpu": p.proxies, "world": "load generator, provider", "proxies": "agent, gateway, Envoy pair, nginx, LiteLLM"})),
+        "options": {"quick": opts.quick, "rounds": opts.rounds, "rate": opts.rate, "seconds": opts.seconds, "request_bytes": body(true, false).len(), "sections": format!("{:?}", opts.sections)},
+    });
+    let wants = |s: Section| opts.sections.contains(&s);
+    if wants(Section::Paths) {
+        let (paths, ceiling) = paths::measure(&mut bench, &envoy)?;
+        report["paths"] = paths;
+        report["ceiling"] = ceiling;
+    }
+    if wants(Section::Connect) {
+        report["connect_ns"] = connect_cost(&bench)?;
+    }
+    if wants(Section::Memory) {
+        report["memory"] = curves::memory(&bench)?;
+    }
+    if wants(Section::Curves) {
+        report["curves"] = json!({
+            "enrolled_pods": curves::enrolled_pods(&bench)?,
+            "gateway_resources": curves::gateway_resources(&bench)?,
+        });
+    }
+    report["steal_percent"] = json!(procstat::steal_percent(steal_before, procstat::steal()?));
+    report["duration_s"] = json!(started.elapsed().as_secs_f64());
+    drop(bench);
+    Ok(report)
+}
+
+/// The cost of connect() itself, with and without the hook.
+fn connect_cost(b: &Bench) -> anyhow::Result<Value> {
+    println!("bench: the cost of connect() with the eBPF hook");
     let outside =
         TestCgroup::new(cgroup2_mount().join(format!("llm-egress-bench-outside-{}", env::unique_id())));
-    let certs = lab.certs();
-    let work = lab.workdir.path().to_owned();
-
-    let envoy = peers::envoy_bin()?;
-    std::fs::write(work.join("envoy-sidecar.yaml"), peers::envoy_sidecar(&certs))?;
-    std::fs::write(
-        work.join("envoy-egress.yaml"),
-        peers::envoy_egress(&certs, LLM_V4, &lab.api_key),
-    )?;
-    std::fs::write(
-        work.join("nginx.conf"),
-        peers::nginx(&work, &certs.join("ca.pem"), LLM_V4, &lab.api_key),
-    )?;
-    let envoy_args = |cfg: &str, base: &str| -> Vec<String> {
-        [
-            "-c",
-            cfg,
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--base-id",
-            base,
-            "-l",
-            "error",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let sidecar = Daemon::start(
-        "envoy-sidecar",
-        &Place {
-            netns: Some(&lab.pod),
-            cgroup: None,
-        },
-        &envoy,
-        &envoy_args(&work.join("envoy-sidecar.yaml").display().to_string(), "71"),
-        &work,
-    );
-    let egress = Daemon::start(
-        "envoy-egress",
-        &Place {
-            netns: Some(&lab.gw),
-            cgroup: None,
-        },
-        &envoy,
-        &envoy_args(&work.join("envoy-egress.yaml").display().to_string(), "72"),
-        &work,
-    );
-    let nginx = Daemon::start(
-        "nginx",
-        &Place {
-            netns: Some(&lab.gw),
-            cgroup: None,
-        },
-        Path::new("/usr/sbin/nginx"),
-        &[
-            "-p".into(),
-            work.display().to_string(),
-            "-e".into(),
-            "stderr".into(),
-            "-c".into(),
-            work.join("nginx.conf").display().to_string(),
-        ],
-        &work,
-    );
-    let pid = |d: &Option<Daemon>| {
-        d.as_ref()
-            .and_then(|d| d.child.as_ref())
-            .map(|c| c.id())
-            .unwrap_or(0)
-    };
-    let dpid = |d: &Daemon| d.child.as_ref().map(|c| c.id()).unwrap_or(0);
-
-    let key_header = format!("Authorization: Bearer {}", lab.api_key);
-    let paths = vec![
-        PathSpec {
-            name: "direct",
-            cgroup: lab.other_cgroup.clone(),
-            url: format!("https://dashscope.aliyuncs.com{}", peers::PROVIDER_PATH),
-            headers: vec![key_header],
-            body: body(true, false),
-            ca: Some(certs.join("ca.pem")),
-            procs: vec![],
-        },
-        PathSpec {
-            name: "llm-egress",
-            cgroup: lab.sleep_cgroup.clone(),
-            url: "http://dashscope.aliyuncs.com/".into(),
-            headers: vec![],
-            body: body(false, false),
-            ca: None,
-            procs: vec![("agent", pid(&lab.agent)), ("gateway", pid(&lab.gateway))],
-        },
-        PathSpec {
-            name: "envoy",
-            cgroup: lab.other_cgroup.clone(),
-            url: format!("http://127.0.0.1:{}/", peers::ENVOY_SIDECAR_PORT),
-            headers: vec!["Host: dashscope.aliyuncs.com".into()],
-            body: body(true, false),
-            ca: None,
-            procs: vec![("envoy-sidecar", dpid(&sidecar)), ("envoy-egress", dpid(&egress))],
-        },
-        PathSpec {
-            name: "nginx",
-            cgroup: lab.other_cgroup.clone(),
-            url: format!("http://{}/", peers::NGINX_LISTEN),
-            headers: vec!["Host: dashscope.aliyuncs.com".into()],
-            body: body(true, false),
-            ca: None,
-            procs: vec![("nginx", dpid(&nginx))],
-        },
-    ];
-
-    // Every path must work before anything is measured.
-    for p in &paths {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut a = vec![
-                "saturate".to_string(),
-                "--connections".into(),
-                "1".into(),
-                "--seconds".into(),
-                "0.2".into(),
-            ];
-            a.extend(target_args(p, &p.body));
-            let last = match run_loadgen(&lab, &p.cgroup, &a, Duration::from_secs(20)) {
-                Ok(v) if v["requests"].as_u64().unwrap_or(0) > 0 && v["errors"].as_u64() == Some(0) => break,
-                Ok(v) => v.to_string(),
-                Err(e) => e.to_string(),
-            };
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "the {} path does not answer: {last}\nenvoy sidecar:\n{}\nenvoy egress:\n{}\nnginx:\n{}\ngateway:\n{}",
-                    p.name,
-                    sidecar.logs(),
-                    egress.logs(),
-                    nginx.logs(),
-                    lab.gateway_logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    let conns: &[usize] = &[1, 16, 64];
-    let sat_seconds = if opts.quick { 1.0 } else { 3.0 };
-    let stream_count = if opts.quick { 2 } else { 5 };
-    let mut samples: BTreeMap<&str, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
-    for round in 0..opts.rounds {
-        // Rotate the order so that no path always runs first or last.
-        let order: Vec<&PathSpec> = (0..paths.len())
-            .map(|i| &paths[(i + round) % paths.len()])
-            .collect();
-        for p in order {
-            println!("bench: round {}/{}: {}", round + 1, opts.rounds, p.name);
-            let s = samples.entry(p.name).or_default();
-            let mut put = |k: &str, v: f64| s.entry(k.to_string()).or_default().push(v);
-            let cpu0: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
-            let mut a = vec![
-                "rate".into(),
-                "--rate".into(),
-                opts.rate.to_string(),
-                "--seconds".into(),
-                opts.seconds.to_string(),
-            ];
-            a.extend(target_args(p, &p.body));
-            let v = run_loadgen(&lab, &p.cgroup, &a, Duration::from_secs_f64(opts.seconds + 60.0))?;
-            let cpu1: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
-            let requests = v["count"].as_f64().unwrap_or(0.0);
-            for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
-                put(q, v[q].as_f64().unwrap_or(0.0));
-            }
-            put("errors", v["errors"].as_f64().unwrap_or(0.0));
-            put("achieved_rps", v["achieved_rps"].as_f64().unwrap_or(0.0));
-            if !p.procs.is_empty() && requests > 0.0 {
-                put(
-                    "cpu_s_per_1k",
-                    (cpu1 - cpu0) as f64 / procstat::ticks_per_second() / (requests / 1000.0),
-                );
-            }
-            for c in conns {
-                let mut a = vec![
-                    "saturate".into(),
-                    "--connections".into(),
-                    c.to_string(),
-                    "--seconds".into(),
-                    sat_seconds.to_string(),
-                ];
-                a.extend(target_args(p, &p.body));
-                let perf = (opts.profile && round == 0 && *c == 16 && p.name == "llm-egress")
-                    .then(|| start_perf(&p.procs, sat_seconds, &opts.out))
-                    .flatten();
-                let v = run_loadgen(&lab, &p.cgroup, &a, Duration::from_secs(60))?;
-                if let Some(child) = perf {
-                    finish_perf(child, &opts.out)?;
-                }
-                put(&format!("sat_{c}"), v["rps"].as_f64().unwrap_or(0.0));
-            }
-            let mut a = vec![
-                "newconn".into(),
-                "--concurrency".into(),
-                "8".into(),
-                "--seconds".into(),
-                sat_seconds.to_string(),
-            ];
-            a.extend(target_args(p, &p.body));
-            let v = run_loadgen(&lab, &p.cgroup, &a, Duration::from_secs(60))?;
-            put("newconn_rps", v["rps"].as_f64().unwrap_or(0.0));
-            let sbody = if p.name == "llm-egress" {
-                body(false, true)
-            } else {
-                body(true, true)
-            };
-            let mut a = vec!["stream".into(), "--count".into(), stream_count.to_string()];
-            a.extend(target_args(p, &sbody));
-            let v = run_loadgen(&lab, &p.cgroup, &a, Duration::from_secs(120))?;
-            put("ttfb_p50_us", v["ttfb"]["p50_us"].as_f64().unwrap_or(0.0));
-            put("gap_p50_us", v["gap"]["p50_us"].as_f64().unwrap_or(0.0));
-            put("gap_p99_us", v["gap"]["p99_us"].as_f64().unwrap_or(0.0));
-        }
-    }
-
-    let mut results = serde_json::Map::new();
-    for p in &paths {
-        let mut m = serde_json::Map::new();
-        for (k, v) in &samples[p.name] {
-            m.insert(k.clone(), json!(median(v.clone())));
-        }
-        // Added latency as the median of per-round differences to direct:
-        // paired within a round, so that a noisy round moves both sides.
-        for q in ["p50_us", "p99_us"] {
-            m.insert(
-                format!("added_{q}"),
-                json!(paired_median(&samples, p.name, "direct", q)),
-            );
-        }
-        let rss: serde_json::Map<String, Value> = p
-            .procs
-            .iter()
-            .map(|(n, pid)| (n.to_string(), json!(procstat::peak_rss_kb(*pid))))
-            .collect();
-        m.insert("peak_rss_kb".into(), Value::Object(rss));
-        results.insert(p.name.to_string(), Value::Object(m));
-    }
-
-    // connect() first: thousands of held connections being torn down would
-    // skew it.
-    println!("bench: the cost of connect() with the eBPF hook");
-    let count = if opts.quick { 200 } else { 2000 };
+    let count = if b.opts.quick { 200 } else { 2000 };
     let connect = |cg: &Path, addr: &str| -> anyhow::Result<Value> {
-        run_loadgen(
-            &lab,
+        b.loadgen(
             cg,
             &[
                 "connect".into(),
@@ -457,72 +353,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Value> {
             Duration::from_secs(60),
         )
     };
-    let connect_ns = json!({
+    Ok(json!({
         "no_program": connect(&outside.path, &format!("{OTHER_V4}:80"))?,
-        "hook_non_target": connect(&lab.sleep_cgroup, &format!("{OTHER_V4}:80"))?,
-        "hook_target_not_enrolled": connect(&lab.other_cgroup, &format!("{LLM_V4}:80"))?,
-        "hook_captured": connect(&lab.sleep_cgroup, &format!("{LLM_V4}:80"))?,
-    });
-
-    println!("bench: agent memory with open captured connections");
-    let agent_pid = pid(&lab.agent);
-    let mut agent_mem = serde_json::Map::new();
-    agent_mem.insert("idle_kb".into(), json!(procstat::rss_kb(agent_pid)));
-    for n in if opts.quick { [100, 1000] } else { [1000, 10000] } {
-        let mut holder = Daemon::start(
-            &format!("hold-{n}"),
-            &Place {
-                netns: Some(&lab.pod),
-                cgroup: Some(&lab.sleep_cgroup),
-            },
-            &loadgen_bin(),
-            &[
-                "hold".into(),
-                "--addr".into(),
-                format!("{LLM_V4}:80"),
-                "--count".into(),
-                n.to_string(),
-                "--seconds".into(),
-                "60".into(),
-            ],
-            &work,
-        );
-        wait_for(&format!("{n} held connections"), Duration::from_secs(60), || {
-            holder.logs().contains("holding").then_some(())
-        });
-        // Let the agent open every tunnel stream.
-        std::thread::sleep(Duration::from_secs(2));
-        agent_mem.insert(format!("held_{n}_kb"), json!(procstat::rss_kb(agent_pid)));
-        agent_mem.insert(
-            format!("held_{n}_connected"),
-            json!(holder
-                .logs()
-                .lines()
-                .find(|l| l.contains("holding"))
-                .and_then(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|v| v["holding"].clone())
-                .unwrap_or(Value::Null)),
-        );
-        holder.stop();
-        std::thread::sleep(Duration::from_secs(1));
-    }
-
-    let steal_after = procstat::steal()?;
-    let report = json!({
-        "date": procstat::now_utc(),
-        "machine": procstat::machine(),
-        "steal_percent": procstat::steal_percent(steal_before, steal_after),
-        "versions": report::versions(&envoy),
-        "options": {"quick": opts.quick, "rounds": opts.rounds, "rate": opts.rate, "seconds": opts.seconds, "request_bytes": body(true, false).len()},
-        "duration_s": started.elapsed().as_secs_f64(),
-        "paths": results,
-        "agent_memory": agent_mem,
-        "connect_ns": connect_ns,
-    });
-    drop((sidecar, egress, nginx));
-    drop(outside);
-    drop(lab);
-    Ok(report)
+        "hook_non_target": connect(&b.lab.sleep_cgroup, &format!("{OTHER_V4}:80"))?,
+        "hook_target_not_enrolled": connect(&b.lab.other_cgroup, &format!("{LLM_V4}:80"))?,
+        "hook_captured": connect(&b.lab.sleep_cgroup, &format!("{LLM_V4}:80"))?,
+    }))
 }
 
 #[cfg(test)]

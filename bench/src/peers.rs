@@ -209,6 +209,95 @@ http {{
     )
 }
 
+/// LiteLLM's proxy listens here, in the gateway's namespace.
+pub const LITELLM_LISTEN: &str = "10.77.2.2:4000";
+
+/// The virtual environment `cargo xtask setup --bench` installs LiteLLM into.
+pub fn litellm_venv() -> PathBuf {
+    llm_egress_tests::env::cache_dir().join("litellm-venv")
+}
+
+pub fn litellm_python() -> PathBuf {
+    litellm_venv().join("bin/python")
+}
+
+/// Runs LiteLLM's own CLI in-process with uvicorn's access log off: LiteLLM
+/// has no flag for it, and every other path runs without access logs.
+pub const LITELLM_LAUNCHER: &str = r#"import sys
+import uvicorn
+
+_init = uvicorn.Config.__init__
+
+
+def _quiet(self, *args, **kwargs):
+    kwargs["access_log"] = False
+    _init(self, *args, **kwargs)
+
+
+uvicorn.Config.__init__ = _quiet
+from litellm.proxy.proxy_cli import run_server  # noqa: E402
+
+sys.exit(run_server(args=sys.argv[1:], prog_name="litellm", standalone_mode=True))
+"#;
+
+/// One model, the provider's, with the key from the environment (central
+/// keys, as on the other paths); TLS to the provider verified against the
+/// lab's CA; no database and no master key (the other paths authenticate
+/// clients by network position or mTLS, not per request; LiteLLM 1.106
+/// must be told that this is deliberate); logging off.
+pub fn litellm_config(ca: &Path) -> String {
+    format!(
+        r#"model_list:
+  - model_name: qwen1.5-72b-chat
+    litellm_params:
+      model: openai/qwen1.5-72b-chat
+      api_base: https://dashscope.aliyuncs.com/compatible-mode/v1
+      api_key: os.environ/PROVIDER_API_KEY
+litellm_settings:
+  set_verbose: false
+  json_logs: false
+  ssl_verify: {ca}
+  drop_params: true
+  disable_hf_tokenizer_download: true
+general_settings:
+  dangerously_permit_weak_or_unset_master_key: true
+"#,
+        ca = ca.display()
+    )
+}
+
+pub fn litellm_args(work: &Path) -> Vec<String> {
+    let (host, port) = LITELLM_LISTEN.split_once(':').unwrap_or(("10.77.2.2", "4000"));
+    vec![
+        work.join("litellm_launch.py").display().to_string(),
+        "--config".into(),
+        work.join("litellm.yaml").display().to_string(),
+        "--host".into(),
+        host.into(),
+        "--port".into(),
+        port.into(),
+        "--num_workers".into(),
+        "1".into(),
+    ]
+}
+
+/// The provider key, the lab's CA, and no call out: LiteLLM fetches its
+/// model cost map (and more) from GitHub at import unless told to use the
+/// bundled copies.
+pub fn litellm_env(ca: &Path, key: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("PROVIDER_API_KEY", key.to_string()),
+        ("SSL_CERT_FILE", ca.display().to_string()),
+        ("LITELLM_LOCAL_MODEL_COST_MAP", "True".into()),
+        ("LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", "True".into()),
+        ("LITELLM_LOCAL_BLOG_POSTS", "True".into()),
+        ("LITELLM_LOCAL_POLICY_TEMPLATES", "True".into()),
+        ("LITELLM_LOCAL_AUTOROUTER_PRESETS", "True".into()),
+        ("LITELLM_LOG", "ERROR".into()),
+        ("PYTHONUNBUFFERED", "1".into()),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,3 +82,25 @@ pub fn now_utc() -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+/// Where a process's resident memory is: anonymous (heap, stacks) versus
+/// file-backed (the binary's text and data), and its thread count.
+pub fn memory_breakdown(pid: u32) -> Value {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let rss = field("Rss:");
+    let anon = field("Anonymous:");
+    json!({
+        "rss_kb": rss,
+        "anonymous_kb": anon,
+        "file_backed_kb": rss.saturating_sub(anon),
+        "threads": status_kb(pid, "Threads:"),
+    })
+}

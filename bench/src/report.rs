@@ -33,11 +33,24 @@ fn short_envoy_version(line: &str) -> String {
         .unwrap_or_else(|| line.to_string())
 }
 
-pub fn versions(envoy: &Path) -> Value {
+pub fn versions(envoy: &Path, litellm_python: Option<&std::path::PathBuf>) -> Value {
+    let litellm = litellm_python
+        .map(|py| {
+            std::process::Command::new(py)
+                .args([
+                    "-c",
+                    "import importlib.metadata as m; print(m.version('litellm'))",
+                ])
+                .output()
+                .map(|o| format!("litellm {}", String::from_utf8_lossy(&o.stdout).trim()))
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
     json!({
         "llm-egress": env!("CARGO_PKG_VERSION"),
         "envoy": short_envoy_version(&version_of(envoy, "--version")),
         "nginx": version_of(Path::new("/usr/sbin/nginx"), "-v").replace("nginx version: nginx/", "nginx "),
+        "litellm": litellm,
     })
 }
 
@@ -49,13 +62,13 @@ fn ms(us: f64) -> String {
     format!("{:.2}", us / 1000.0)
 }
 
-pub const PATHS: [&str; 4] = ["direct", "llm-egress", "envoy", "nginx"];
+pub const PATHS: [&str; 5] = ["direct", "llm-egress", "envoy", "nginx", "litellm"];
 
 pub fn markdown(r: &Value) -> String {
     let mut out = String::new();
     let m = &r["machine"];
     out.push_str(&format!(
-        "Measured {} on {} cores ({}), kernel {}; steal {:.1}% during the run; {} round(s), fixed rate {} req/s for {} s, ~{} B requests, ~1 KiB responses. Versions: llm-egress {}, {}, {}.\n\n",
+        "Measured {} on {} cores ({}), kernel {}; steal {:.1}% during the run; {} round(s), fixed rate {} req/s for {} s, ~{} B requests, ~1 KiB responses. Versions: llm-egress {}, {}, {}{}.\n\n",
         r["date"].as_str().unwrap_or(""),
         m["cores"],
         m["cpu"].as_str().unwrap_or(""),
@@ -68,9 +81,38 @@ pub fn markdown(r: &Value) -> String {
         r["versions"]["llm-egress"].as_str().unwrap_or(""),
         r["versions"]["envoy"].as_str().unwrap_or(""),
         r["versions"]["nginx"].as_str().unwrap_or(""),
+        r["versions"]["litellm"].as_str().filter(|v| !v.is_empty()).map(|v| format!(", {v}")).unwrap_or_default(),
     ));
-    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms (paired) | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 64 conns | new conn/s | CPU s per 1k req | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    if let Some(p) = r["pinning"].as_object() {
+        out.push_str(&format!(
+            "CPU pinning: {} on CPU {}; {} on CPU {}.\n\n",
+            p["world"].as_str().unwrap_or(""),
+            p["world_cpu"],
+            p["proxies"].as_str().unwrap_or(""),
+            p["proxies_cpu"]
+        ));
+    }
+    if r["paths"].is_object() {
+        paths_table(r, &mut out);
+    }
+    if r["ceiling"].is_object() {
+        ceiling_lines(&r["ceiling"], &mut out);
+    }
+    if r["memory"].is_object() {
+        memory_table(&r["memory"], &mut out);
+    }
+    if r["curves"].is_object() {
+        curves_tables(&r["curves"], &mut out);
+    }
+    if r["connect_ns"].is_object() {
+        connect_table(&r["connect_ns"], &mut out);
+    }
+    out
+}
+
+fn paths_table(r: &Value, out: &mut String) {
+    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms (paired) | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 16 conns vs Envoy | 64 conns | new conn/s | CPU s per 1k req (fixed rate / 16 conns) | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let p = &r["paths"];
     let direct = &p["direct"];
     let envoy = &p["envoy"];
@@ -92,7 +134,7 @@ pub fn markdown(r: &Value) -> String {
             })
             .unwrap_or_default();
         out.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} / {} | {:.2}× | {:.2}× | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} / {} |\n",
+            "| {name} | {} | {} | {} | {} | {} / {} | {:.2}× | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {} | {} | {} | {} / {} |\n",
             ms(f(&x["p50_us"])),
             ms(f(&x["p90_us"])),
             ms(f(&x["p99_us"])),
@@ -103,27 +145,19 @@ pub fn markdown(r: &Value) -> String {
             f(&x["p50_us"]) / f(&envoy["p50_us"]).max(1.0),
             f(&x["sat_1"]),
             f(&x["sat_16"]),
+            f(&x["sat_16"]) / f(&envoy["sat_16"]).max(1.0),
             f(&x["sat_64"]),
             f(&x["newconn_rps"]),
-            if x["cpu_s_per_1k"].is_null() { "-".to_string() } else { format!("{:.3}", f(&x["cpu_s_per_1k"])) },
+            if x["cpu_s_per_1k"].is_null() { "-".to_string() } else { format!("{:.3} / {:.3}", f(&x["cpu_s_per_1k"]), f(&x["sat_16_cpu_s_per_1k"])) },
             if procs.is_empty() { "-".to_string() } else { format!("{:.1} ({})", rss / 1024.0, procs.join(", ")) },
             ms(f(&x["ttfb_p50_us"])),
             ms(f(&x["gap_p50_us"])),
             ms(f(&x["gap_p99_us"])),
         ));
     }
-    let a = &r["agent_memory"];
-    out.push_str(&format!(
-        "\nAgent RSS: {}\n",
-        a.as_object()
-            .map(|o| o
-                .iter()
-                .map(|(k, v)| format!("{k} = {v}"))
-                .collect::<Vec<_>>()
-                .join(", "))
-            .unwrap_or_default()
-    ));
-    let c = &r["connect_ns"];
+}
+
+fn connect_table(c: &Value, out: &mut String) {
     out.push_str("\n| connect() (non-blocking, µs) | p50 | p99 |\n|---|---|---|\n");
     for (k, label) in [
         ("no_program", "no program attached"),
@@ -137,7 +171,106 @@ pub fn markdown(r: &Value) -> String {
             f(&c[k]["p99_ns"]) / 1000.0
         ));
     }
-    out
+}
+
+fn ceiling_lines(c: &Value, out: &mut String) {
+    out.push_str(&format!(
+        "\nCeiling check (direct must saturate ≥ {:.0}× the fastest proxied path, or the column measures the provider and load generator too):\n\n",
+        f(&c["required_ratio"])
+    ));
+    out.push_str("| column | direct req/s | fastest proxied | ratio | verdict |\n|---|---|---|---|---|\n");
+    for (k, v) in c["columns"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            "| {} | {:.0} | {} {:.0} | {:.1}× | {} |\n",
+            k.replace("sat_", "").replace('_', " ") + " conn(s)",
+            f(&v["direct_rps"]),
+            v["fastest_proxied_path"].as_str().unwrap_or("-"),
+            f(&v["fastest_proxied_rps"]),
+            f(&v["ratio"]),
+            if v["provider_bound"].as_bool().unwrap_or(true) {
+                "**provider-bound**"
+            } else {
+                "the proxies' own"
+            }
+        ));
+    }
+}
+
+fn mib(kb: &Value) -> String {
+    format!("{:.1}", f(kb) / 1024.0)
+}
+
+fn memory_table(m: &Value, out: &mut String) {
+    out.push_str("\n| held captured connections | agent RSS MiB | gateway RSS MiB | agent CPU µs per connection opened | gateway CPU µs per connection | time to open all (s) |\n|---|---|---|---|---|---|\n");
+    for p in m["points"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} |\n",
+            p["connections"],
+            mib(&p["agent_kb"]),
+            mib(&p["gateway_kb"]),
+            f(&p["agent_cpu_us_per_connection"]),
+            f(&p["gateway_cpu_us_per_connection"]),
+            f(&p["open_s"]),
+        ));
+    }
+    if let Some(idle) = m["points"].as_array().and_then(|p| p.first()) {
+        for (who, k) in [("Agent", "agent_breakdown"), ("Gateway", "gateway_breakdown")] {
+            let b = &idle[k];
+            out.push_str(&format!(
+                "\n{who} at {} connections: RSS {} MiB = {} MiB anonymous (heap, stacks) + {} MiB file-backed (program text), {} threads.",
+                idle["connections"],
+                mib(&b["rss_kb"]),
+                mib(&b["anonymous_kb"]),
+                mib(&b["file_backed_kb"]),
+                b["threads"]
+            ));
+        }
+        out.push('\n');
+    }
+    if m["per_connection_kb"].is_object() {
+        out.push_str(&format!(
+            "\nPer held connection: agent {:.1} KiB, gateway {:.1} KiB.\n",
+            f(&m["per_connection_kb"]["agent"]),
+            f(&m["per_connection_kb"]["gateway"])
+        ));
+    }
+}
+
+fn curves_tables(c: &Value, out: &mut String) {
+    out.push_str("\n| enrolled pods | applied in ms | agent RSS MiB | agent CPU ms |\n|---|---|---|---|\n");
+    for p in c["enrolled_pods"]["points"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "| {} | {:.0} | {} | {:.1} |\n",
+            p["pods"],
+            f(&p["applied_ms"]),
+            mib(&p["agent_kb"]),
+            f(&p["agent_cpu_ms"])
+        ));
+    }
+    out.push_str("\n| policies + routes | reload ms | gateway RSS MiB | p50 ms | p99 ms | p50 over none (µs) | gateway CPU s per 1k req | errors |\n|---|---|---|---|---|---|---|---|\n");
+    let g = &c["gateway_resources"];
+    for p in g["points"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "| {} + {} | {:.1} | {} | {} | {} | {:.0} | {:.3} | {} |\n",
+            p["policies"],
+            p["routes"],
+            f(&p["reload_ms"]),
+            mib(&p["gateway_kb"]),
+            ms(f(&p["p50_us"])),
+            ms(f(&p["p99_us"])),
+            f(&p["p50_over_empty_us"]),
+            f(&p["gateway_cpu_s_per_1k"]),
+            p["errors"]
+        ));
+    }
+    let u = &g["reload_under_load"];
+    if u.is_object() {
+        out.push_str(&format!(
+            "\nReloads under load: {} resources rewritten {} times in {} s at {} req/s; {} reloads applied ({} failed); {} requests, **{} failed**; p50 {} ms, p99 {} ms, p99.9 {} ms.\n",
+            u["resources"], u["configuration_writes"], u["seconds"], u["rate"], u["reloads"], u["failed_reloads"], u["requests"], u["errors"],
+            ms(f(&u["p50_us"])), ms(f(&u["p99_us"])), ms(f(&u["p999_us"]))
+        ));
+    }
 }
 
 /// Writes results.json, results.md and (with matplotlib) chart.png.
@@ -176,16 +309,20 @@ mod tests {
         let r = json!({
             "date": "d", "machine": {"cores": 2, "kernel": "k", "cpu": "c"}, "steal_percent": 0.5,
             "options": {"rounds": 1, "rate": 100, "seconds": 1, "request_bytes": 1000},
-            "versions": {"llm-egress": "0", "envoy": "e", "nginx": "n"},
-            "paths": {"direct": path(1000.0), "llm-egress": path(1500.0), "envoy": path(3000.0), "nginx": path(1200.0)},
-            "agent_memory": {"idle_kb": 1}, "connect_ns": {}
+            "versions": {"llm-egress": "0", "envoy": "e", "nginx": "n", "litellm": "litellm 1"},
+            "paths": {"direct": path(1000.0), "llm-egress": path(1500.0), "envoy": path(3000.0), "nginx": path(1200.0), "litellm": path(9000.0)},
+            "connect_ns": {},
+            "memory": {"points": [{"connections": 0, "agent_kb": 2048, "gateway_kb": 4096}, {"connections": 10, "agent_kb": 3072, "gateway_kb": 5120}], "per_connection_kb": {"agent": 102.4, "gateway": 102.4}},
         });
         let md = markdown(&r);
         assert_eq!(
             md.lines().filter(|l| l.starts_with("| ")).count(),
-            1 + 4 + 1 + 4,
+            1 + 5 + 1 + 4 + 1 + 2,
             "{md}"
         );
+        assert!(md.contains(", litellm 1."), "{md}");
+        assert!(md.contains("| 10 | 3.0 | 5.0 |"), "{md}");
+        assert!(md.contains("agent 102.4 KiB"), "{md}");
         assert!(md.contains("| llm-egress | 1.50 |"), "{md}");
         assert!(md.contains("1.50× | 0.50×"), "{md}");
         assert!(md.contains("| 0.50 / 1.00 |"), "{md}");

@@ -297,7 +297,9 @@ impl ConfigSource {
 
     /// Checks every `period`, and at once when the API reports a change;
     /// writes per-object verdicts to the API's resources.
-    pub fn watch(self: &Arc<Self>, period: Duration, on_result: impl Fn(bool) + Send + 'static) {
+    /// `on_result` gets whether a change was applied and how long reading,
+    /// checking and compiling took.
+    pub fn watch(self: &Arc<Self>, period: Duration, on_result: impl Fn(bool, Duration) + Send + 'static) {
         let this = Arc::downgrade(self);
         let mut changes = self.source.kube().map(|k| k.subscribe());
         tokio::spawn(async move {
@@ -311,8 +313,9 @@ impl ConfigSource {
                     None => tokio::time::sleep(period).await,
                 }
                 let Some(this) = this.upgrade() else { return };
+                let started = std::time::Instant::now();
                 if let Some(ok) = this.check() {
-                    on_result(ok);
+                    on_result(ok, started.elapsed());
                 }
                 if let Some(kube) = this.source.kube() {
                     kube.report().await;

@@ -578,13 +578,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             idle: Duration::from_secs(args.idle_timeout),
         },
     });
-    tokio::spawn(release_freed_memory());
+    tokio::spawn(llm_egress_mesh::process::release_freed_memory());
     if !matches!(mesh, MeshConfigSource::None) {
         let seen = mesh.current_text();
         tokio::spawn(mesh.follow(gw.clone(), resolver.clone(), seen));
     }
     let m = metrics.clone();
-    source.watch(Duration::from_secs(1), move |ok| {
+    source.watch(Duration::from_secs(1), move |ok, took| {
+        m.reload_duration.observe(took.as_secs_f64());
         m.reloads
             .get_or_create(&ResultLabels {
                 result: if ok { "success" } else { "failure" },
@@ -621,20 +622,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = llm_egress_mesh::process::shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
-}
-
-/// Hands memory freed after a burst (thousands of streams) back to the OS.
-/// glibc keeps freed memory in its per-thread arenas otherwise, so the
-/// gateway's RSS would stay at its peak; trimming is a few milliseconds of
-/// work, at most once per period.
-async fn release_freed_memory() {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        // SAFETY: malloc_trim only walks the allocator's own free lists.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
 }

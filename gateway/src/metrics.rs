@@ -125,6 +125,8 @@ pub struct Metrics {
     pub time_to_first_token: Family<GenAiLabels, Histogram>,
     pub time_per_output_token: Family<GenAiLabels, Histogram>,
     pub reloads: Family<ResultLabels, Counter>,
+    /// Reading, checking and compiling the whole configuration once.
+    pub reload_duration: Histogram,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub passthrough: Family<PassthroughLabels, Counter>,
     pub tunnel_streams: Family<TunnelLabels, Counter>,
@@ -166,6 +168,9 @@ impl Metrics {
             ])
         });
         let reloads = Family::<ResultLabels, Counter>::default();
+        let reload_duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let passthrough = Family::<PassthroughLabels, Counter>::default();
         let tunnel_streams = Family::<TunnelLabels, Counter>::default();
@@ -241,6 +246,12 @@ impl Metrics {
             "Configuration reloads by result (success, failure: the last good configuration stays)",
             reloads.clone(),
         );
+        registry.register_with_unit(
+            "llm_egress_gateway_config_reload_duration",
+            "Time to read, check and compile the configuration when it changed",
+            Unit::Seconds,
+            reload_duration.clone(),
+        );
         registry.register(
             "llm_egress_gateway_upstream_errors",
             "Provider requests that failed, by provider and reason (connect, timeout, failed)",
@@ -285,6 +296,7 @@ impl Metrics {
             time_to_first_token,
             time_per_output_token,
             reloads,
+            reload_duration,
             upstream_errors,
             passthrough,
             tunnel_streams,

@@ -94,7 +94,7 @@ where
         return;
     }
     // `client` carries the idle deadline: a copy where nothing moves ends.
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let result = llm_egress_mesh::copy::copy_bidirectional(&mut client, &mut upstream).await;
     if let Err(e) = &result {
         if crate::limits::is_idle_timeout(e) {
             gw.metrics.client_timeout("idle");

@@ -10,6 +10,7 @@
 const FUZZ_ITERATIONS: usize = 2000;
 
 pub mod certs;
+pub mod copy;
 pub mod identity;
 pub mod process;
 pub mod tls;

@@ -40,3 +40,25 @@ pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
     }
     b.enable_all().build()
 }
+
+/// Gives freed heap back to the kernel every few seconds. glibc keeps freed
+/// memory in its per-thread arenas otherwise, so a proxy's RSS would stay
+/// at its peak (and the agent's at what loading the eBPF programs and the
+/// kernel's BTF took); trimming is a few milliseconds of work, at most
+/// once per period.
+pub async fn release_freed_memory() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        trim_heap();
+    }
+}
+
+/// Returns freed heap to the kernel now.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

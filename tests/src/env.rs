@@ -89,10 +89,15 @@ pub fn bin_dir() -> PathBuf {
 /// A virtual environment holding the official OpenAI Python SDK, made by
 /// `cargo xtask setup`.
 pub fn openai_venv() -> PathBuf {
+    cache_dir().join("openai-venv")
+}
+
+/// `~/.cache/llm-egress`: what setup installs once per machine.
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"))
-        .join(".cache/llm-egress/openai-venv")
+        .join(".cache/llm-egress")
 }
 
 /// The venv's Python, with a clear error when setup has not made it.

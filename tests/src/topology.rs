@@ -282,7 +282,7 @@ impl CaptureLab {
         self.agent.as_ref().map(|a| a.logs()).unwrap_or_default()
     }
 
-    fn try_status(&self) -> Option<Value> {
+    pub fn try_status(&self) -> Option<Value> {
         let out = run(
             &Place {
                 netns: Some(&self.node),

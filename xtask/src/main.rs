@@ -22,7 +22,7 @@ struct Cli {
 enum Cmd {
     /// Install what this machine lacks for building and testing (idempotent).
     Setup {
-        /// Also install the benchmark's peers (Envoy, nginx, matplotlib).
+        /// Also install the benchmark's peers (Envoy, nginx, LiteLLM, matplotlib).
         #[arg(long)]
         bench: bool,
         /// Only the eBPF toolchain (nightly rust-src, bpf-linker): what an image build needs.
@@ -178,6 +178,12 @@ struct BenchArgs {
     /// Also record a CPU profile of the agent and gateway (needs perf).
     #[arg(long)]
     profile: bool,
+    /// Only these parts (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<llm_egress_bench::Section>,
+    /// Leave LiteLLM out (it is left out of --quick runs anyway: its install is large).
+    #[arg(long)]
+    no_litellm: bool,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -188,9 +194,18 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         rate,
         seconds,
         profile,
+        only,
+        no_litellm,
     } = args;
+    let sections = if only.is_empty() {
+        use llm_egress_bench::Section::*;
+        vec![Paths, Connect, Memory, Curves]
+    } else {
+        only
+    };
+    let litellm = !quick && !no_litellm && sections.contains(&llm_egress_bench::Section::Paths);
     setup::setup(Need::Tests)?;
-    setup::bench_peers()?;
+    setup::bench_peers(litellm)?;
     if !is_root() {
         bail!(
             "the benchmark needs root (eBPF, network namespaces, cgroups): run `sudo -E cargo xtask bench`"
@@ -222,6 +237,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         seconds: seconds.unwrap_or(if quick { 2.0 } else { 10.0 }),
         out: target.join("bench"),
         profile,
+        litellm,
+        sections,
     };
     let report = llm_egress_bench::run(&opts)?;
     println!("\n{}", llm_egress_bench::report::markdown(&report));
@@ -255,7 +272,7 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
                 Need::Tests
             })?;
             if bench {
-                setup::bench_peers()?;
+                setup::bench_peers(true)?;
             }
             if node {
                 setup::node_tools()?;

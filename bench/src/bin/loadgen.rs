@@ -482,7 +482,8 @@ fn raise_nofile() {
     }
 }
 
-#[tokio::main]
+// One thread: pinned to one CPU, a second thread would only add wake-ups.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     raise_nofile();
     let out = match Cli::parse().mode {

@@ -50,6 +50,12 @@ struct Args {
     /// File that gets one JSON line per request.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Keep no request log, even with --log (the benchmark's fast provider).
+    #[arg(long)]
+    no_log: bool,
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Number of SSE chunks in a streamed answer.
     #[arg(long, default_value_t = 5)]
     chunks: usize,
@@ -341,14 +347,21 @@ fn json_response(
         .expect("static response parts")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.workers.filter(|n| *n > 0) {
+        runtime.worker_threads(n);
+    }
+    runtime.enable_all().build()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let expected = std::env::var(&args.key_env)
         .map_err(|_| anyhow::anyhow!("set {} to the expected API key", args.key_env))?;
     let acceptor = llm_egress_tests::gateway_lab::tls_acceptor(&args.cert, &args.key)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let log = match &args.log {
+    let log = match args.log.as_ref().filter(|_| !args.no_log) {
         Some(p) => Some(Arc::new(Mutex::new(
             std::fs::OpenOptions::new().create(true).append(true).open(p)?,
         ))),
@@ -427,13 +440,14 @@ fn service(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let authorized = auth == format!("Bearer {expected}");
-            let mut headers = serde_json::Map::new();
-            for (k, v) in &parts.headers {
-                if k != "authorization" {
-                    headers.insert(k.to_string(), v.to_str().unwrap_or("?").into());
+            let record = log.is_some().then(|| {
+                let mut headers = serde_json::Map::new();
+                for (k, v) in &parts.headers {
+                    if k != "authorization" {
+                        headers.insert(k.to_string(), v.to_str().unwrap_or("?").into());
+                    }
                 }
-            }
-            let record = serde_json::json!({
+                serde_json::json!({
                 "method": parts.method.as_str(),
                 "path": parts.uri.path(),
                 "query": parts.uri.query(),
@@ -447,8 +461,9 @@ fn service(
                     reported_tokens(rel, j, &served)
                 }),
                 "body": json,
+            })
             });
-            if let Some(log) = &log {
+            if let (Some(log), Some(record)) = (&log, record) {
                 if let Ok(mut f) = log.lock() {
                     let _ = writeln!(f, "{record}");
                 }

@@ -1,0 +1,375 @@
+//! Latency, throughput, CPU and SSE timing of every path a user could pick:
+//! direct, llm-egress, the ASM-style Envoy pair, nginx and LiteLLM; then the
+//! ceiling check that says whether those figures are the paths' own.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use anyhow::bail;
+use llm_egress_tests::{
+    process::{Daemon, Place},
+    topology::LLM_V4,
+};
+use serde_json::{json, Value};
+
+use crate::{
+    body, daemon_pid, finish_perf, median, paired_median, peers, pin, procstat, start_perf, target_args,
+    Bench, PathSpec,
+};
+
+/// The direct path must saturate at least this many times higher than
+/// every proxied path for the proxied figures to be the proxies' own.
+pub const CEILING_RATIO: f64 = 3.0;
+
+pub const SATURATION_CONNECTIONS: [usize; 3] = [1, 16, 64];
+
+pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
+    println!(
+        "bench: starting Envoy, nginx{}",
+        if b.opts.litellm { " and LiteLLM" } else { "" }
+    );
+    let lab = &b.lab;
+    let certs = lab.certs();
+    let work = lab.workdir.path().to_owned();
+    std::fs::write(work.join("envoy-sidecar.yaml"), peers::envoy_sidecar(&certs))?;
+    std::fs::write(
+        work.join("envoy-egress.yaml"),
+        peers::envoy_egress(&certs, LLM_V4, &lab.api_key),
+    )?;
+    std::fs::write(
+        work.join("nginx.conf"),
+        peers::nginx(&work, &certs.join("ca.pem"), LLM_V4, &lab.api_key),
+    )?;
+    let envoy_args = |cfg: &str, base: &str| -> Vec<String> {
+        [
+            "-c",
+            cfg,
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--base-id",
+            base,
+            "-l",
+            "error",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let in_pod = Place {
+        netns: Some(&lab.pod),
+        cgroup: None,
+    };
+    let in_gw = Place {
+        netns: Some(&lab.gw),
+        cgroup: None,
+    };
+    let sidecar = Daemon::start(
+        "envoy-sidecar",
+        &in_pod,
+        envoy,
+        &envoy_args(&work.join("envoy-sidecar.yaml").display().to_string(), "71"),
+        &work,
+    );
+    let egress = Daemon::start(
+        "envoy-egress",
+        &in_gw,
+        envoy,
+        &envoy_args(&work.join("envoy-egress.yaml").display().to_string(), "72"),
+        &work,
+    );
+    let nginx = Daemon::start(
+        "nginx",
+        &in_gw,
+        Path::new("/usr/sbin/nginx"),
+        &[
+            "-p".into(),
+            work.display().to_string(),
+            "-e".into(),
+            "stderr".into(),
+            "-c".into(),
+            work.join("nginx.conf").display().to_string(),
+        ],
+        &work,
+    );
+    let litellm = if b.opts.litellm {
+        std::fs::write(
+            work.join("litellm.yaml"),
+            peers::litellm_config(&certs.join("ca.pem")),
+        )?;
+        std::fs::write(work.join("litellm_launch.py"), peers::LITELLM_LAUNCHER)?;
+        let python = peers::litellm_python();
+        let args = peers::litellm_args(&work);
+        let env = peers::litellm_env(&certs.join("ca.pem"), &lab.api_key);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Some(Daemon::start_with_env(
+            "litellm", &in_gw, &python, &args, &env, &work,
+        ))
+    } else {
+        None
+    };
+    let dpid = |d: &Daemon| d.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    if let Some(p) = b.pinning {
+        for d in [&sidecar, &egress, &nginx].into_iter().chain(litellm.as_ref()) {
+            pin(dpid(d), p.proxies);
+        }
+    }
+
+    let key_header = format!("Authorization: Bearer {}", lab.api_key);
+    let mut paths = vec![
+        PathSpec {
+            name: "direct",
+            cgroup: lab.other_cgroup.clone(),
+            url: format!("https://dashscope.aliyuncs.com{}", peers::PROVIDER_PATH),
+            headers: vec![key_header],
+            body: body(true, false),
+            ca: Some(certs.join("ca.pem")),
+            procs: vec![],
+        },
+        PathSpec {
+            name: "llm-egress",
+            cgroup: lab.sleep_cgroup.clone(),
+            url: "http://dashscope.aliyuncs.com/".into(),
+            headers: vec![],
+            body: body(false, false),
+            ca: None,
+            procs: vec![
+                ("agent", daemon_pid(&lab.agent)),
+                ("gateway", daemon_pid(&lab.gateway)),
+            ],
+        },
+        PathSpec {
+            name: "envoy",
+            cgroup: lab.other_cgroup.clone(),
+            url: format!("http://127.0.0.1:{}/", peers::ENVOY_SIDECAR_PORT),
+            headers: vec!["Host: dashscope.aliyuncs.com".into()],
+            body: body(true, false),
+            ca: None,
+            procs: vec![("envoy-sidecar", dpid(&sidecar)), ("envoy-egress", dpid(&egress))],
+        },
+        PathSpec {
+            name: "nginx",
+            cgroup: lab.other_cgroup.clone(),
+            url: format!("http://{}/", peers::NGINX_LISTEN),
+            headers: vec!["Host: dashscope.aliyuncs.com".into()],
+            body: body(true, false),
+            ca: None,
+            procs: vec![("nginx", dpid(&nginx))],
+        },
+    ];
+    if let Some(l) = &litellm {
+        paths.push(PathSpec {
+            name: "litellm",
+            cgroup: lab.other_cgroup.clone(),
+            url: format!("http://{}/v1/chat/completions", peers::LITELLM_LISTEN),
+            headers: vec![],
+            body: body(true, false),
+            ca: None,
+            procs: vec![("litellm", dpid(l))],
+        });
+    }
+
+    // Every path must work before anything is measured (LiteLLM takes a
+    // while to import).
+    for p in &paths {
+        let patience = if p.name == "litellm" { 120 } else { 20 };
+        let deadline = std::time::Instant::now() + Duration::from_secs(patience);
+        loop {
+            let mut a = vec![
+                "saturate".to_string(),
+                "--connections".into(),
+                "1".into(),
+                "--seconds".into(),
+                "0.2".into(),
+            ];
+            a.extend(target_args(p, &p.body));
+            let last = match b.loadgen(&p.cgroup, &a, Duration::from_secs(20)) {
+                Ok(v) if v["requests"].as_u64().unwrap_or(0) > 0 && v["errors"].as_u64() == Some(0) => break,
+                Ok(v) => v.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the {} path does not answer: {last}\nenvoy sidecar:\n{}\nenvoy egress:\n{}\nnginx:\n{}\nlitellm:\n{}\ngateway:\n{}",
+                    p.name,
+                    sidecar.logs(),
+                    egress.logs(),
+                    nginx.logs(),
+                    litellm.as_ref().map(|l| l.logs()).unwrap_or_default(),
+                    lab.gateway_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    let opts = b.opts;
+    let sat_seconds = if opts.quick { 1.0 } else { 3.0 };
+    let stream_count = if opts.quick { 2 } else { 5 };
+    let mut samples: BTreeMap<&str, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        // Rotate the order so that no path always runs first or last.
+        let order: Vec<&PathSpec> = (0..paths.len())
+            .map(|i| &paths[(i + round) % paths.len()])
+            .collect();
+        for p in order {
+            println!("bench: round {}/{}: {}", round + 1, opts.rounds, p.name);
+            let s = samples.entry(p.name).or_default();
+            let mut put = |k: &str, v: f64| s.entry(k.to_string()).or_default().push(v);
+            let cpu0: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+            let mut a = vec![
+                "rate".into(),
+                "--rate".into(),
+                opts.rate.to_string(),
+                "--seconds".into(),
+                opts.seconds.to_string(),
+            ];
+            a.extend(target_args(p, &p.body));
+            let v = b.loadgen(&p.cgroup, &a, Duration::from_secs_f64(opts.seconds + 60.0))?;
+            let cpu1: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+            let requests = v["count"].as_f64().unwrap_or(0.0);
+            for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
+                put(q, v[q].as_f64().unwrap_or(0.0));
+            }
+            put("errors", v["errors"].as_f64().unwrap_or(0.0));
+            put("achieved_rps", v["achieved_rps"].as_f64().unwrap_or(0.0));
+            if !p.procs.is_empty() && requests > 0.0 {
+                put(
+                    "cpu_s_per_1k",
+                    (cpu1 - cpu0) as f64 / procstat::ticks_per_second() / (requests / 1000.0),
+                );
+            }
+            for c in SATURATION_CONNECTIONS {
+                let mut a = vec![
+                    "saturate".into(),
+                    "--connections".into(),
+                    c.to_string(),
+                    "--seconds".into(),
+                    sat_seconds.to_string(),
+                ];
+                a.extend(target_args(p, &p.body));
+                let perf = (opts.profile && round == 0 && c == 16 && p.name == "llm-egress")
+                    .then(|| start_perf(&p.procs, sat_seconds, &opts.out))
+                    .flatten();
+                let cpu0: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+                let v = b.loadgen(&p.cgroup, &a, Duration::from_secs(60))?;
+                let cpu1: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+                if let Some(child) = perf {
+                    finish_perf(child, &opts.out)?;
+                }
+                put(&format!("sat_{c}"), v["rps"].as_f64().unwrap_or(0.0));
+                let requests = v["requests"].as_f64().unwrap_or(0.0);
+                if c == 16 && !p.procs.is_empty() && requests > 0.0 {
+                    put(
+                        "sat_16_cpu_s_per_1k",
+                        (cpu1 - cpu0) as f64 / procstat::ticks_per_second() / (requests / 1000.0),
+                    );
+                }
+            }
+            let mut a = vec![
+                "newconn".into(),
+                "--concurrency".into(),
+                "8".into(),
+                "--seconds".into(),
+                sat_seconds.to_string(),
+            ];
+            a.extend(target_args(p, &p.body));
+            let v = b.loadgen(&p.cgroup, &a, Duration::from_secs(60))?;
+            put("newconn_rps", v["rps"].as_f64().unwrap_or(0.0));
+            let sbody = if p.name == "llm-egress" {
+                body(false, true)
+            } else {
+                body(true, true)
+            };
+            let mut a = vec!["stream".into(), "--count".into(), stream_count.to_string()];
+            a.extend(target_args(p, &sbody));
+            let v = b.loadgen(&p.cgroup, &a, Duration::from_secs(120))?;
+            put("ttfb_p50_us", v["ttfb"]["p50_us"].as_f64().unwrap_or(0.0));
+            put("gap_p50_us", v["gap"]["p50_us"].as_f64().unwrap_or(0.0));
+            put("gap_p99_us", v["gap"]["p99_us"].as_f64().unwrap_or(0.0));
+        }
+    }
+
+    let mut results = serde_json::Map::new();
+    for p in &paths {
+        let mut m = serde_json::Map::new();
+        for (k, v) in &samples[p.name] {
+            m.insert(k.clone(), json!(median(v.clone())));
+        }
+        // Added latency as the median of per-round differences to direct:
+        // paired within a round, so that a noisy round moves both sides.
+        for q in ["p50_us", "p99_us"] {
+            m.insert(
+                format!("added_{q}"),
+                json!(paired_median(&samples, p.name, "direct", q)),
+            );
+        }
+        let rss: serde_json::Map<String, Value> = p
+            .procs
+            .iter()
+            .map(|(n, pid)| (n.to_string(), json!(procstat::peak_rss_kb(*pid))))
+            .collect();
+        m.insert("peak_rss_kb".into(), Value::Object(rss));
+        results.insert(p.name.to_string(), Value::Object(m));
+    }
+    let results = Value::Object(results);
+    let ceiling = ceiling_check(&results);
+    drop((sidecar, egress, nginx, litellm));
+    Ok((results, ceiling))
+}
+
+/// Per saturation column: the direct path's rate over the fastest proxied
+/// path's. Below `CEILING_RATIO` the column measures the provider and the
+/// load generator as much as the proxies, and the report says so.
+pub fn ceiling_check(paths: &Value) -> Value {
+    let mut columns = serde_json::Map::new();
+    for c in SATURATION_CONNECTIONS {
+        let key = format!("sat_{c}");
+        let direct = paths["direct"][&key].as_f64().unwrap_or(0.0);
+        let fastest = paths
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| name.as_str() != "direct")
+            .filter_map(|(name, v)| Some((name.clone(), v[&key].as_f64()?)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let (fastest_path, fastest_rps) = fastest.unwrap_or_default();
+        let ratio = if fastest_rps > 0.0 {
+            direct / fastest_rps
+        } else {
+            0.0
+        };
+        columns.insert(
+            key,
+            json!({
+                "direct_rps": direct,
+                "fastest_proxied_path": fastest_path,
+                "fastest_proxied_rps": fastest_rps,
+                "ratio": ratio,
+                "provider_bound": ratio < CEILING_RATIO,
+            }),
+        );
+    }
+    json!({"required_ratio": CEILING_RATIO, "columns": columns})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_column_is_provider_bound_when_direct_is_not_far_above_every_proxy() {
+        let paths = json!({
+            "direct": {"sat_1": 3000.0, "sat_16": 12000.0, "sat_64": 9000.0},
+            "llm-egress": {"sat_1": 900.0, "sat_16": 3000.0, "sat_64": 3100.0},
+            "nginx": {"sat_1": 1100.0, "sat_16": 3900.0, "sat_64": 4000.0},
+        });
+        let c = ceiling_check(&paths);
+        assert_eq!(c["columns"]["sat_16"]["fastest_proxied_path"], "nginx");
+        assert_eq!(c["columns"]["sat_16"]["provider_bound"], false, "12000/3900 ≥ 3");
+        assert_eq!(c["columns"]["sat_64"]["provider_bound"], true, "9000/4000 < 3");
+        assert_eq!(
+            c["columns"]["sat_1"]["provider_bound"], true,
+            "3000/1100 = 2.7 < 3"
+        );
+    }
+}
