@@ -29,14 +29,17 @@ if paths:
     lat.set_title("Latency")
     lat.legend()
 
+    tpaths = paths + (["ceiling"] if "ceiling" in data else [])
+    width = 0.8 / len(tpaths)
     conns = [("sat_1", "1 conn"), ("sat_16", "16 conns"), ("sat_64", "64 conns"), ("newconn_rps", "new conn each")]
-    for i, p in enumerate(paths):
+    for i, p in enumerate(tpaths):
         xs = [q + i * width for q in range(len(conns))]
-        thr.bar(xs, [data[p].get(k, 0) for k, _ in conns], width, label=p)
-    thr.set_xticks([q + width * (len(paths) - 1) / 2 for q in range(len(conns))])
+        thr.bar(xs, [data[p].get(k, 0) for k, _ in conns], width, label=p, hatch="//" if p == "ceiling" else None)
+    thr.set_xticks([q + width * (len(tpaths) - 1) / 2 for q in range(len(conns))])
     thr.set_xticklabels([label for _, label in conns])
     thr.set_ylabel("requests per second")
-    thr.set_title("Throughput (direct = the ceiling)")
+    thr.set_title("Throughput (ceiling: the provider over plain HTTP)")
+    thr.legend(fontsize=7)
 
 points = results.get("memory", {}).get("points", [])
 if points:

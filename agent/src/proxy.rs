@@ -258,8 +258,9 @@ impl Proxy {
         let gateway = uplink
             .gateway_for(self.routes.gateway_for(host), host)
             .map_err(TunnelFailure::Open)?;
-        let (mut stream, _permit) = uplink
-            .open(&gateway, &dst.to_string(), who)
+        // Boxed: opening's state (the CONNECT request and its answer) is
+        // freed once open, instead of sizing the task for its whole life.
+        let (mut stream, _permit) = Box::pin(uplink.open(&gateway, &dst.to_string(), who))
             .await
             .map_err(TunnelFailure::Open)?;
         let _ = client.set_nodelay(true);

@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 
 use crate::{body, loadgen_bin, procstat, target_args, Bench, PathSpec};
 
+/// How often the reload-under-load run changes the configuration.
+const REWRITE_EVERY_S: u64 = 3;
+
 fn agent_active(b: &Bench) -> f64 {
     series_value(&b.lab.metrics(), "llm_egress_agent_active_connections", &[]).unwrap_or(-1.0)
 }
@@ -259,9 +262,10 @@ pub fn gateway_resources(b: &Bench) -> anyhow::Result<Value> {
         points.push(point);
     }
 
-    // Reloads under load at the largest configuration.
-    let largest = counts.last().copied().unwrap_or(0);
-    let under_load_s = if b.opts.quick { 4.0 } else { 10.0 };
+    // Reloads under load: 10,000 resources (half policies, half routes),
+    // changed every few seconds, as a busy cluster's API would.
+    let largest = counts.last().copied().unwrap_or(0) / 2;
+    let under_load_s = if b.opts.quick { 4.0 } else { 12.0 };
     let (count0, _, _) = reloads(b);
     let run = std::thread::scope(|s| -> anyhow::Result<(Value, usize)> {
         let load = s.spawn(|| b.loadgen(&path.cgroup, &rate_args(under_load_s), Duration::from_secs(120)));
@@ -271,7 +275,7 @@ pub fn gateway_resources(b: &Bench) -> anyhow::Result<Value> {
             // A changed configuration (other principals) of the same size.
             b.lab.apply("bench-resources.yaml", &resources(largest, salt));
             salt += 1;
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs(REWRITE_EVERY_S));
         }
         let v = load
             .join()
@@ -282,6 +286,7 @@ pub fn gateway_resources(b: &Bench) -> anyhow::Result<Value> {
     let (count1, _, failed) = reloads(b);
     let under_load = json!({
         "resources": largest * 2,
+        "rewrite_every_s": REWRITE_EVERY_S,
         "rate": b.opts.rate,
         "seconds": under_load_s,
         "configuration_writes": writes,

@@ -314,7 +314,14 @@ impl ConfigSource {
                 }
                 let Some(this) = this.upgrade() else { return };
                 let started = std::time::Instant::now();
-                if let Some(ok) = this.check() {
+                // Off the async workers: reading and compiling 10,000s of
+                // resources takes most of a second, and requests on the same
+                // worker would wait for it.
+                let checking = this.clone();
+                let checked = tokio::task::spawn_blocking(move || checking.check())
+                    .await
+                    .unwrap_or(None);
+                if let Some(ok) = checked {
                     on_result(ok, started.elapsed());
                 }
                 if let Some(kube) = this.source.kube() {

@@ -7,7 +7,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Enough for any real ClientHello (post-quantum key shares included).
 const MAX_HELLO: usize = 16 * 1024;
@@ -22,14 +22,26 @@ pub enum Sniffed {
     Empty,
 }
 
+/// Appends what one read gives to `buf`. The read buffer lives on the
+/// stack only while polled, so a stream that waits for its first byte (a
+/// held, idle connection) holds no buffer.
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut read = ReadBuf::uninit(&mut scratch);
+        std::task::ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
 /// Reads the first bytes of `stream` into `buf` and classifies them.
 pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<Sniffed> {
-    let mut chunk = [0u8; 4096];
-    let n = stream.read(&mut chunk).await?;
+    let n = read_some(stream, buf).await?;
     if n == 0 {
         return Ok(Sniffed::Empty);
     }
-    buf.extend_from_slice(&chunk[..n]);
     // TLS handshake record: content type 22, version 3.x.
     if !(buf[0] == 0x16 && (buf.len() < 2 || buf[1] == 0x03)) {
         return Ok(Sniffed::Http);
@@ -57,11 +69,10 @@ pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> s
         if buf.len() >= MAX_HELLO {
             return Ok(Sniffed::Tls { sni: None });
         }
-        let n = stream.read(&mut chunk).await?;
+        let n = read_some(stream, buf).await?;
         if n == 0 {
             return Ok(Sniffed::Tls { sni: None });
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -119,6 +130,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
 
     async fn client_hello(sni: &str) -> Vec<u8> {
         let cfg =

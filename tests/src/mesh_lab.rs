@@ -57,7 +57,9 @@ impl CaptureLab {
     }
 
     pub fn gateway_args(&self) -> Vec<String> {
-        gateway_run_args(&self.certs(), &self.config(), "0.0.0.0:15008", "127.0.0.1:15020")
+        let mut args = gateway_run_args(&self.certs(), &self.config(), "0.0.0.0:15008", "127.0.0.1:15020");
+        args.extend(self.gateway_extra.iter().cloned());
+        args
     }
 
     pub fn start_gateway(&mut self) {

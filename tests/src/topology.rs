@@ -60,6 +60,8 @@ pub struct CaptureLab {
     pub provider_extra: Vec<String>,
     /// Extra arguments for the agent's `run`.
     pub agent_extra: Vec<String>,
+    /// Extra arguments for the gateway's `run` (benchmarks tune it).
+    pub gateway_extra: Vec<String>,
     /// Cgroup of the enrolled workload `default/sleep`.
     pub sleep_cgroup: PathBuf,
     /// A cgroup that is never enrolled.
@@ -162,6 +164,7 @@ impl CaptureLab {
             tunnel: false,
             provider_extra: Vec::new(),
             agent_extra: Vec::new(),
+            gateway_extra: Vec::new(),
             sleep_cgroup,
             other_cgroup,
         };

@@ -181,6 +181,9 @@ struct BenchArgs {
     /// Only these parts (comma-separated; default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<llm_egress_bench::Section>,
+    /// Keep the figures of sections not run now from this earlier results.json (with --only).
+    #[arg(long, requires = "only")]
+    merge: Option<std::path::PathBuf>,
     /// Leave LiteLLM out (it is left out of --quick runs anyway: its install is large).
     #[arg(long)]
     no_litellm: bool,
@@ -195,6 +198,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         seconds,
         profile,
         only,
+        merge,
         no_litellm,
     } = args;
     let sections = if only.is_empty() {
@@ -223,13 +227,20 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     run(&mut build)?;
     let target = llm_egress_tests::env::target_dir();
-    // SAFETY: set before any thread of ours reads the environment.
-    unsafe {
-        std::env::set_var(
-            "LLM_EGRESS_BIN_DIR",
-            target.join(if release { "release" } else { "debug" }),
-        )
-    };
+    match std::env::var_os("LLM_EGRESS_BIN_DIR") {
+        // A profiling run wraps a binary (heaptrack, perf): docs/bench/README.md.
+        Some(dir) => println!(
+            "bench: programs from LLM_EGRESS_BIN_DIR={}",
+            std::path::Path::new(&dir).display()
+        ),
+        // SAFETY: set before any thread of ours reads the environment.
+        None => unsafe {
+            std::env::set_var(
+                "LLM_EGRESS_BIN_DIR",
+                target.join(if release { "release" } else { "debug" }),
+            )
+        },
+    }
     let opts = llm_egress_bench::Options {
         quick,
         rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
@@ -240,7 +251,14 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         litellm,
         sections,
     };
-    let report = llm_egress_bench::run(&opts)?;
+    let mut report = llm_egress_bench::run(&opts)?;
+    if let Some(previous) = merge {
+        let text = std::fs::read_to_string(&previous)
+            .with_context(|| format!("reading {} (--merge)", previous.display()))?;
+        let previous: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a benchmark's results.json", previous.display()))?;
+        report = llm_egress_bench::merge(previous, report);
+    }
     println!("\n{}", llm_egress_bench::report::markdown(&report));
     for note in llm_egress_bench::report::write(&report, &opts.out)? {
         println!("{note}");
