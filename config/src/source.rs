@@ -25,6 +25,8 @@ pub enum Stamp {
     Files(Fingerprint),
     /// `KubeResources::stamp`.
     Api(u64),
+    /// Equal to no source's stamp: the next check loads whatever is there.
+    Unknown,
 }
 
 impl ResourceSource {

@@ -267,8 +267,11 @@ impl ConfigSource {
             }
             *stamp = now;
         }
+        // Loaded before the status is locked: `/readyz` reads the status
+        // from an async worker while a large configuration loads.
+        let loaded = load(&self.source, &self.me);
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        match load(&self.source, &self.me) {
+        match loaded {
             Ok((compiled, key_files)) => {
                 status.loaded = true;
                 status.reloads += 1;
@@ -318,9 +321,15 @@ impl ConfigSource {
                 // resources takes most of a second, and requests on the same
                 // worker would wait for it.
                 let checking = this.clone();
-                let checked = tokio::task::spawn_blocking(move || checking.check())
-                    .await
-                    .unwrap_or(None);
+                let checked = match tokio::task::spawn_blocking(move || checking.check()).await {
+                    Ok(checked) => checked,
+                    Err(e) => {
+                        // Forget the stamp so that the next tick tries again.
+                        *this.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Stamp::Unknown;
+                        tracing::error!(error = %e, "checking the configuration failed; keeping the last good configuration and retrying");
+                        None
+                    }
+                };
                 if let Some(ok) = checked {
                     on_result(ok, started.elapsed());
                 }

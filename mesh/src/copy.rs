@@ -51,6 +51,10 @@ impl Direction {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                debug_assert!(
+                    self.written + n <= self.pending.len(),
+                    "writer reported more than it was given"
+                );
                 self.written += n;
                 self.amount += n as u64;
                 self.need_flush = true;
@@ -87,6 +91,7 @@ impl Direction {
                 match writer.as_mut().poll_write(cx, &data[offset..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(n)) => {
+                        debug_assert!(offset + n <= data.len(), "writer reported more than it was given");
                         offset += n;
                         self.amount += n as u64;
                         self.need_flush = true;

@@ -129,6 +129,18 @@ async fn deny_policy_applied_while_running_answers_rbac_access_denied() {
         metrics.contains("llm_egress_gateway_config_reloads_total{result=\"success\"} 2"),
         "{metrics}"
     );
+    // Each reload's duration is recorded: two observations, each under
+    // the 10 s bucket and above zero.
+    assert!(
+        metrics.contains("llm_egress_gateway_config_reload_duration_seconds_count 2"),
+        "{metrics}"
+    );
+    let total: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llm_egress_gateway_config_reload_duration_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(total > 0.0 && total < 10.0, "reload time {total} s\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
