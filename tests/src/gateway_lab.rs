@@ -411,6 +411,11 @@ pub fn spawn_provider(
         log_dir.join("provider.jsonl").display().to_string(),
     ];
     args.extend(extra.iter().cloned());
+    // The log is appended to across restarts: wait for this start's own
+    // "listening", not a previous one's (a request sent before the new
+    // provider listens gets 503).
+    let listening = |text: &str| text.matches("listening").count();
+    let before = listening(&std::fs::read_to_string(log_dir.join("provider.log")).unwrap_or_default());
     let p = Daemon::start_with_env(
         "provider",
         place,
@@ -420,7 +425,7 @@ pub fn spawn_provider(
         log_dir,
     );
     wait_for("the provider", Duration::from_secs(10), || {
-        p.logs().contains("listening").then_some(())
+        (listening(&p.logs()) > before).then_some(())
     });
     p
 }
