@@ -368,8 +368,8 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
             .with_context(|| format!("installing capture on cgroup {}", cfg.cgroup_root.display()))?,
     );
     // Loading parsed the kernel's BTF and the programs' ELF (megabytes,
-    // now freed): give them back rather than keep them for the agent's life.
-    llm_egress_mesh::process::trim_heap();
+    // now freed): give them back rather than keep them for the agent's
+    // life. The first trim runs at once.
     tokio::spawn(llm_egress_mesh::process::release_freed_memory());
     tracing::info!(
         attachment = ?capture.attachment, cgroup_root = %cfg.cgroup_root.display(), pin_dir = %cfg.bpffs.display(),

@@ -69,12 +69,16 @@ pub fn memory(b: &Bench) -> anyhow::Result<Value> {
             );
         }
         let opened_s = started.elapsed().as_secs_f64();
+        let (agent_mem, gateway_mem) = (
+            procstat::memory_breakdown(agent),
+            procstat::memory_breakdown(gateway),
+        );
         let point = json!({
             "connections": n,
-            "agent_kb": procstat::rss_kb(agent),
-            "gateway_kb": procstat::rss_kb(gateway),
-            "agent_breakdown": procstat::memory_breakdown(agent),
-            "gateway_breakdown": procstat::memory_breakdown(gateway),
+            "agent_kb": agent_mem["rss_kb"],
+            "gateway_kb": gateway_mem["rss_kb"],
+            "agent_breakdown": agent_mem,
+            "gateway_breakdown": gateway_mem,
             "open_s": opened_s,
             "agent_cpu_us_per_connection": if n > 0 { (cpu_s(agent) - cpu_agent0) * 1e6 / n as f64 } else { 0.0 },
             "gateway_cpu_us_per_connection": if n > 0 { (cpu_s(gateway) - cpu_gw0) * 1e6 / n as f64 } else { 0.0 },

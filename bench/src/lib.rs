@@ -272,11 +272,10 @@ pub fn merge(previous: Value, mut current: Value) -> Value {
     for key in SECTION_KEYS {
         if current[key].is_null() && !previous[key].is_null() {
             current[key] = previous[key].clone();
-            let kept = current["kept_from_previous_run"]
+            let mut kept = current["kept_from_previous_run"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            let mut kept = kept;
             kept.push(json!(key));
             current["kept_from_previous_run"] = json!(kept);
         }

@@ -235,15 +235,11 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             let mut put = |k: &str, v: f64| s.entry(k.to_string()).or_default().push(v);
             if p.name == "ceiling" {
                 for c in SATURATION_CONNECTIONS {
-                    let mut a = vec![
-                        "saturate".into(),
-                        "--connections".into(),
-                        c.to_string(),
-                        "--seconds".into(),
-                        sat_seconds.to_string(),
-                    ];
-                    a.extend(target_args(p, &p.body));
-                    let v = b.loadgen(&p.cgroup, &a, Duration::from_secs(60))?;
+                    let v = b.loadgen(
+                        &p.cgroup,
+                        &saturate_args(p, c, sat_seconds),
+                        Duration::from_secs(60),
+                    )?;
                     put(&format!("sat_{c}"), v["rps"].as_f64().unwrap_or(0.0));
                 }
                 continue;
@@ -256,7 +252,7 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
                 opts.rate
             };
             put("rate", rate as f64);
-            let cpu0: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+            let cpu0 = cpu_ticks(p);
             let mut a = vec![
                 "rate".into(),
                 "--rate".into(),
@@ -266,7 +262,7 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             ];
             a.extend(target_args(p, &p.body));
             let v = b.loadgen(&p.cgroup, &a, Duration::from_secs_f64(opts.seconds + 60.0))?;
-            let cpu1: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+            let cpu1 = cpu_ticks(p);
             let requests = v["count"].as_f64().unwrap_or(0.0);
             for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
                 put(q, v[q].as_f64().unwrap_or(0.0));
@@ -274,36 +270,26 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             put("errors", v["errors"].as_f64().unwrap_or(0.0));
             put("achieved_rps", v["achieved_rps"].as_f64().unwrap_or(0.0));
             if !p.procs.is_empty() && requests > 0.0 {
-                put(
-                    "cpu_s_per_1k",
-                    (cpu1 - cpu0) as f64 / procstat::ticks_per_second() / (requests / 1000.0),
-                );
+                put("cpu_s_per_1k", cpu_s_per_1k(cpu1 - cpu0, requests));
             }
             for c in SATURATION_CONNECTIONS {
-                let mut a = vec![
-                    "saturate".into(),
-                    "--connections".into(),
-                    c.to_string(),
-                    "--seconds".into(),
-                    sat_seconds.to_string(),
-                ];
-                a.extend(target_args(p, &p.body));
                 let perf = (opts.profile && round == 0 && c == 16 && p.name == "llm-egress")
                     .then(|| start_perf(&p.procs, sat_seconds, &opts.out))
                     .flatten();
-                let cpu0: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
-                let v = b.loadgen(&p.cgroup, &a, Duration::from_secs(60))?;
-                let cpu1: u64 = p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum();
+                let cpu0 = cpu_ticks(p);
+                let v = b.loadgen(
+                    &p.cgroup,
+                    &saturate_args(p, c, sat_seconds),
+                    Duration::from_secs(60),
+                )?;
+                let cpu1 = cpu_ticks(p);
                 if let Some(child) = perf {
                     finish_perf(child, &opts.out)?;
                 }
                 put(&format!("sat_{c}"), v["rps"].as_f64().unwrap_or(0.0));
                 let requests = v["requests"].as_f64().unwrap_or(0.0);
                 if c == 16 && !p.procs.is_empty() && requests > 0.0 {
-                    put(
-                        "sat_16_cpu_s_per_1k",
-                        (cpu1 - cpu0) as f64 / procstat::ticks_per_second() / (requests / 1000.0),
-                    );
+                    put("sat_16_cpu_s_per_1k", cpu_s_per_1k(cpu1 - cpu0, requests));
                 }
             }
             let mut a = vec![
@@ -356,6 +342,28 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
     let ceiling = ceiling_check(&results);
     drop((sidecar, egress, nginx, litellm));
     Ok((results, ceiling))
+}
+
+/// A closed-loop run on `connections` keep-alive connections.
+fn saturate_args(p: &PathSpec, connections: usize, seconds: f64) -> Vec<String> {
+    let mut a = vec![
+        "saturate".to_string(),
+        "--connections".into(),
+        connections.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+    ];
+    a.extend(target_args(p, &p.body));
+    a
+}
+
+/// CPU ticks used so far by a path's proxy processes.
+fn cpu_ticks(p: &PathSpec) -> u64 {
+    p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum()
+}
+
+fn cpu_s_per_1k(ticks: u64, requests: f64) -> f64 {
+    ticks as f64 / procstat::ticks_per_second() / (requests / 1000.0)
 }
 
 /// Per saturation column and proxied path: the ceiling's rate over the

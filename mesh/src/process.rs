@@ -50,15 +50,11 @@ pub async fn release_freed_memory() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The first tick completes at once.
         tick.tick().await;
-        trim_heap();
-    }
-}
-
-/// Returns freed heap to the kernel now.
-pub fn trim_heap() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }

@@ -106,14 +106,12 @@ fn build_demo_bins() -> anyhow::Result<()> {
     let step = setup::Step::start(
         "building the agent (with its eBPF programs), the gateway and the demo's provider (debug; a few minutes the first time)",
     );
-    run(cargo().args([
-        "build",
-        "-p",
-        "llm-egress-agent",
-        "-p",
-        "llm-egress-gateway",
-        "-p",
-        "llm-egress-tests",
+    let mut cmd = cargo();
+    cmd.arg("build");
+    for p in BINARY_PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    run(cmd.args([
         "--bin",
         "llm-egress-agent",
         "--bin",

@@ -440,30 +440,28 @@ fn service(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let authorized = auth == format!("Bearer {expected}");
-            let record = log.is_some().then(|| {
+            if let Some(log) = &log {
                 let mut headers = serde_json::Map::new();
                 for (k, v) in &parts.headers {
                     if k != "authorization" {
                         headers.insert(k.to_string(), v.to_str().unwrap_or("?").into());
                     }
                 }
-                serde_json::json!({
-                "method": parts.method.as_str(),
-                "path": parts.uri.path(),
-                "query": parts.uri.query(),
-                "authorized": authorized,
-                "authorizationCount": parts.headers.get_all("authorization").iter().count(),
-                "headers": headers,
-                "bodyBytes": body.len(),
-                // What the answer will report as usage (prompt + completion).
-                "reportedTokens": json.as_ref().filter(|_| authorized && served.fail_status.is_none()).and_then(|j| {
-                    let rel = parts.uri.path().strip_prefix("/compatible-mode/v1").or_else(|| parts.uri.path().strip_prefix("/v1"))?;
-                    reported_tokens(rel, j, &served)
-                }),
-                "body": json,
-            })
-            });
-            if let (Some(log), Some(record)) = (&log, record) {
+                let record = serde_json::json!({
+                    "method": parts.method.as_str(),
+                    "path": parts.uri.path(),
+                    "query": parts.uri.query(),
+                    "authorized": authorized,
+                    "authorizationCount": parts.headers.get_all("authorization").iter().count(),
+                    "headers": headers,
+                    "bodyBytes": body.len(),
+                    // What the answer will report as usage (prompt + completion).
+                    "reportedTokens": json.as_ref().filter(|_| authorized && served.fail_status.is_none()).and_then(|j| {
+                        let rel = parts.uri.path().strip_prefix("/compatible-mode/v1").or_else(|| parts.uri.path().strip_prefix("/v1"))?;
+                        reported_tokens(rel, j, &served)
+                    }),
+                    "body": json,
+                });
                 if let Ok(mut f) = log.lock() {
                     let _ = writeln!(f, "{record}");
                 }
