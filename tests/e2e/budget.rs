@@ -307,9 +307,12 @@ async fn two_replicas_share_one_budget_through_redis_and_fail_closed_without_it(
     });
     burst(&lab, &[lab.tunnel_addr(), tunnel2], tokens).await;
     let log = std::fs::read_to_string(replica_dir.join("gateway.log")).unwrap_or_default();
+    // Which replica gets the 10 requests that fit is up to timing; that
+    // the second one decided some of the burst (served or refused) is what
+    // proves the budget is shared, with the totals above.
     assert!(
-        log.contains("\"status\":200"),
-        "the second replica served too: {log}"
+        log.contains("\"message\":\"request\""),
+        "the second replica took part in the burst: {log}"
     );
 
     // Redis stops: no budget can be checked, so budgeted requests fail
