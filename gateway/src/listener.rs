@@ -199,9 +199,11 @@ async fn tunnel_stream(gw: Arc<Gateway>, source: Source, mut stream: TunnelStrea
         }
     };
     let stream = IdleTimeout::new(stream, deadlines.idle);
+    // Boxed: a held stream waiting for its first byte is sized for the
+    // sniff, not for an HTTP/1 connection's or a passthrough's state.
     match sniffed {
-        Ok(Sniffed::Http) => serve_http1(gw, Arc::new(source), Prefixed::new(first, stream)).await,
-        Ok(Sniffed::Tls { sni }) => passthrough::run(gw, &source, sni, first, stream).await,
+        Ok(Sniffed::Http) => Box::pin(serve_http1(gw, Arc::new(source), Prefixed::new(first, stream))).await,
+        Ok(Sniffed::Tls { sni }) => Box::pin(passthrough::run(gw, &source, sni, first, stream)).await,
         Ok(Sniffed::Empty) | Err(_) => {}
     }
 }

@@ -11,6 +11,7 @@ const FUZZ_ITERATIONS: usize = 2000;
 
 pub mod certs;
 pub mod copy;
+pub mod h2_stream;
 pub mod identity;
 pub mod process;
 pub mod tls;

@@ -4,19 +4,23 @@
 //! workload's identity in `x-llm-egress-*` headers. Bytes then flow
 //! unchanged both ways.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{
-    client::conn::http2::SendRequest,
+use http::{
     header::{HeaderMap, HeaderValue},
-    service::service_fn,
     Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use crate::h2_stream::H2Stream as TunnelStream;
 use crate::identity::SpiffeId;
 
 pub const HEADER_WORKLOAD: &str = "x-llm-egress-workload";
@@ -30,13 +34,28 @@ pub const HEADER_NODE_TOKEN: &str = "x-llm-egress-node-token";
 /// Why the gateway refused a stream, on a non-200 answer.
 pub const HEADER_REFUSAL: &str = "x-llm-egress-refusal";
 
-/// Streams one tunnel connection may carry at once. hyper's default (200)
-/// would cap a node at 200 concurrent captured connections, since an agent
+/// Streams one tunnel connection may carry at once. A default of a few
+/// hundred (hyper's was 200) would cap a node at 200 concurrent captured connections, since an agent
 /// multiplexes all of them on one connection per gateway.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 16384;
 
-/// A tunnelled byte stream.
-pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+/// Per-stream receive window. LLM requests and responses are kilobytes;
+/// 256 KiB still moves ~250 MB/s at a 1 ms round trip, and bounds what one
+/// stream whose reader stalls can make h2 buffer.
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// Shared by every stream of a connection (an agent multiplexes a node's
+/// captured connections on one).
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Largest header block accepted: identity headers and a node token are
+/// well under 4 KiB.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// A peer must speak HTTP/2 this soon after its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Both ends ping an idle connection this often, and drop it when a ping
+/// goes unanswered for `KEEPALIVE_TIMEOUT` (a peer that vanished without a
+/// FIN, e.g. a node that lost power).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -47,7 +66,7 @@ pub enum TunnelError {
     #[error("TLS with the gateway at {addr} failed: {source}")]
     Tls { addr: String, source: std::io::Error },
     #[error("HTTP/2 with the gateway failed: {0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] h2::Error),
     #[error("the gateway refused the tunnel: {0}: {1}")]
     Refused(StatusCode, String),
     #[error("the gateway at {addr} is {actual}, not the expected {expected}: check --gateway-identity and the gateway's certificate")]
@@ -179,12 +198,29 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Resolves when the peer stops answering pings (never, without a ping
+/// handle).
+async fn keepalive(ping: Option<h2::PingPong>) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection failed: its driver reports why.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
 /// Serves one tunnel connection. Each CONNECT stream is first put to
 /// `admit` (identity checks), which takes the request; admitted streams are
 /// answered `200` and handed to `handler` with what `admit` returned and
-/// their byte stream, refused
-/// ones get the refusal's status and reason. Other methods get `405`.
-pub async fn serve<IO, A, AF, T, H, F>(io: IO, admit: A, handler: H) -> Result<(), hyper::Error>
+/// their byte stream, refused ones get the refusal's status and reason.
+/// Other methods get `405`. One task per stream runs both.
+pub async fn serve<IO, A, AF, T, H, F>(io: IO, admit: A, handler: H) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: Fn(ConnectRequest) -> AF + Clone + Send + Sync + 'static,
@@ -193,47 +229,69 @@ where
     H: Fn(T, TunnelStream) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-        let (admit, handler) = (admit.clone(), handler.clone());
-        async move {
-            let status_only = |status: StatusCode, reason: Option<&str>| {
-                let mut resp = Response::new(Empty::<Bytes>::new());
-                *resp.status_mut() = status;
-                if let Some(v) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {
-                    resp.headers_mut().insert(HEADER_REFUSAL, v);
-                }
-                Ok::<_, std::convert::Infallible>(resp)
-            };
-            if req.method() != Method::CONNECT {
-                return status_only(StatusCode::METHOD_NOT_ALLOWED, None);
-            }
-            let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
-                return status_only(StatusCode::BAD_REQUEST, None);
-            };
-            let connect = ConnectRequest {
-                authority,
-                headers: std::mem::take(req.headers_mut()),
-            };
-            let admitted = match admit(connect).await {
-                Ok(t) => t,
-                Err(r) => return status_only(r.status, Some(&r.reason)),
-            };
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => handler(admitted, TokioIo::new(upgraded)).await,
-                    Err(e) => tracing::debug!(error = %e, "tunnel stream upgrade failed"),
-                }
-            });
-            Ok(Response::new(Empty::<Bytes>::new()))
-        }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .serve_connection(TokioIo::new(io), service)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
+        .map_err(|_| TunnelError::Timeout(HANDSHAKE_TIMEOUT))??;
+    let peer_gone = keepalive(conn.ping_pong());
+    tokio::pin!(peer_gone);
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut peer_gone => return Err(TunnelError::Timeout(KEEPALIVE_TIMEOUT)),
+        };
+        let Some(next) = next else {
+            return Ok(());
+        };
+        let (req, respond) = next?;
+        tokio::spawn(serve_stream(req, respond, admit.clone(), handler.clone()));
+    }
+}
+
+async fn serve_stream<A, AF, T, H, F>(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    admit: A,
+    handler: H,
+) where
+    A: Fn(ConnectRequest) -> AF,
+    AF: Future<Output = Result<T, Refusal>>,
+    H: Fn(T, TunnelStream) -> F,
+    F: Future<Output = ()>,
+{
+    let mut status_only = |status: StatusCode, reason: Option<&str>| {
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        if let Some(v) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {
+            resp.headers_mut().insert(HEADER_REFUSAL, v);
+        }
+        // The peer may have reset the stream meanwhile: nothing to tell.
+        let _ = respond.send_response(resp, true);
+    };
+    if req.method() != Method::CONNECT {
+        return status_only(StatusCode::METHOD_NOT_ALLOWED, None);
+    }
+    let (parts, body) = req.into_parts();
+    let Some(authority) = parts.uri.authority().map(|a| a.to_string()) else {
+        return status_only(StatusCode::BAD_REQUEST, None);
+    };
+    let connect = ConnectRequest {
+        authority,
+        headers: parts.headers,
+    };
+    let admitted = match admit(connect).await {
+        Ok(t) => t,
+        Err(r) => return status_only(r.status, Some(&r.reason)),
+    };
+    match respond.send_response(Response::new(()), false) {
+        Ok(send) => handler(admitted, TunnelStream::new(send, body)).await,
+        Err(e) => tracing::debug!(error = %e, "tunnel stream reset before it was answered"),
+    }
 }
 
 /// The agent's node credential, read from a file that the kubelet rotates
@@ -271,6 +329,76 @@ impl NodeToken {
     }
 }
 
+/// One client HTTP/2 connection to a gateway. A task drives it (and pings
+/// it) until it fails or every handle is dropped.
+#[derive(Clone)]
+pub struct TunnelConnection {
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl TunnelConnection {
+    /// Speaks HTTP/2 over `io` (an established mTLS stream).
+    pub async fn handshake<IO>(io: IO) -> Result<TunnelConnection, TunnelError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ping = conn.ping_pong();
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = conn => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "tunnel connection closed");
+                    }
+                }
+                () = keepalive(ping) => {
+                    tracing::warn!("the gateway stopped answering pings; tunnel connection dropped");
+                }
+            }
+            flag.store(true, Ordering::Release);
+        });
+        Ok(TunnelConnection { sender, closed })
+    }
+
+    /// True once the connection has ended; streams must go to a new one.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Opens a CONNECT stream with `req`'s authority and headers.
+    /// The gateway may be checking a node token with the API server; past
+    /// `STREAM_ANSWER_TIMEOUT` the stream is given up (and reset) so that
+    /// the pod's connection is closed rather than left hanging.
+    pub async fn open(&self, req: Request<()>) -> Result<TunnelStream, TunnelError> {
+        let opening = async {
+            let mut sender = self.sender.clone().ready().await?;
+            let (response, send) = sender.send_request(req, false)?;
+            Ok::<_, TunnelError>((response.await?, send))
+        };
+        let (resp, send) = tokio::time::timeout(STREAM_ANSWER_TIMEOUT, opening)
+            .await
+            .map_err(|_| TunnelError::Timeout(STREAM_ANSWER_TIMEOUT))??;
+        if resp.status() != StatusCode::OK {
+            let reason = resp
+                .headers()
+                .get(HEADER_REFUSAL)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            return Err(TunnelError::Refused(resp.status(), reason));
+        }
+        Ok(TunnelStream::new(send, resp.into_body()))
+    }
+}
+
 /// The client half: one HTTP/2 connection to one gateway, reopened when it
 /// breaks. Streams are multiplexed on it.
 pub struct TunnelClient {
@@ -280,7 +408,7 @@ pub struct TunnelClient {
     server_name: rustls::pki_types::ServerName<'static>,
     tls: Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>,
     connect_timeout: Duration,
-    sender: tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>,
+    connection: tokio::sync::Mutex<Option<TunnelConnection>>,
     /// The gateway's SPIFFE ID, checked after the handshake when set.
     expected_peer: Option<SpiffeId>,
     /// Sent with every stream when set (Kubernetes node binding).
@@ -289,6 +417,8 @@ pub struct TunnelClient {
     backoff: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
 
+/// How long the gateway may take to answer a stream's CONNECT.
+const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -307,7 +437,7 @@ impl TunnelClient {
             server_name,
             tls,
             connect_timeout: Duration::from_secs(5),
-            sender: tokio::sync::Mutex::new(None),
+            connection: tokio::sync::Mutex::new(None),
             expected_peer: None,
             node_token: None,
             backoff: std::sync::Mutex::new((0, None)),
@@ -331,7 +461,7 @@ impl TunnelClient {
         &self.addr
     }
 
-    async fn dial(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn dial(&self) -> Result<TunnelConnection, TunnelError> {
         let addr = self.addr.as_str();
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -359,21 +489,11 @@ impl TunnelClient {
                 });
             }
         }
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .handshake(TokioIo::new(tls))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "tunnel connection closed");
-            }
-        });
-        Ok(sender)
+        TunnelConnection::handshake(tls).await
     }
 
-    async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
-        let mut slot = self.sender.lock().await;
+    async fn connection(&self) -> Result<TunnelConnection, TunnelError> {
+        let mut slot = self.connection.lock().await;
         if let Some(s) = slot.as_ref() {
             if !s.is_closed() {
                 return Ok(s.clone());
@@ -421,30 +541,28 @@ impl TunnelClient {
         authority: &str,
         who: &WorkloadIdentity,
     ) -> Result<TunnelStream, TunnelError> {
-        let mut sender = self.sender().await?;
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| TunnelError::Request(e.to_string()))?;
-        who.write_headers(req.headers_mut())?;
-        if let Some(token) = &self.node_token {
-            req.headers_mut().insert(HEADER_NODE_TOKEN, token.value()?);
-        }
-        sender.ready().await?;
-        let mut resp = sender.send_request(req).await?;
-        if resp.status() != StatusCode::OK {
-            let reason = resp
-                .headers()
-                .get(HEADER_REFUSAL)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            return Err(TunnelError::Refused(resp.status(), reason));
-        }
-        let upgraded = hyper::upgrade::on(&mut resp).await?;
-        Ok(TokioIo::new(upgraded))
+        let connection = self.connection().await?;
+        let req = connect_request(authority, who, self.node_token.as_deref())?;
+        connection.open(req).await
     }
+}
+
+/// The CONNECT request for `authority` on behalf of `who`.
+pub fn connect_request(
+    authority: &str,
+    who: &WorkloadIdentity,
+    node_token: Option<&NodeToken>,
+) -> Result<Request<()>, TunnelError> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .map_err(|e| TunnelError::Request(e.to_string()))?;
+    who.write_headers(req.headers_mut())?;
+    if let Some(token) = node_token {
+        req.headers_mut().insert(HEADER_NODE_TOKEN, token.value()?);
+    }
+    Ok(req)
 }
 
 #[cfg(test)]
@@ -488,52 +606,146 @@ mod tests {
         assert!(WorkloadIdentity::from_headers(&h).is_err());
     }
 
-    #[tokio::test]
-    async fn connect_streams_carry_bytes_and_identity() {
+    /// A server on one end of an in-memory pipe that echoes each admitted
+    /// stream upper-cased, and reports what it admitted.
+    fn upper_echo_server(
+        io: tokio::io::DuplexStream,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(String, Option<WorkloadIdentity>)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve(
-            server_io,
+            io,
             |req: ConnectRequest| async { Ok::<_, Refusal>(req) },
             move |req: ConnectRequest, mut stream: TunnelStream| {
                 let seen_tx = seen_tx.clone();
                 async move {
                     let who = WorkloadIdentity::from_headers(&req.headers).unwrap();
                     let _ = seen_tx.send((req.authority.clone(), who));
-                    let mut buf = [0u8; 5];
-                    stream.read_exact(&mut buf).await.unwrap();
-                    stream.write_all(&buf.to_ascii_uppercase()).await.unwrap();
-                    stream.shutdown().await.unwrap();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                buf[..n].make_ascii_uppercase();
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.shutdown().await;
                 }
             },
         ));
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(client_io))
+        seen_rx
+    }
+
+    fn pipe() -> (tokio::io::DuplexStream, tokio::io::DuplexStream) {
+        tokio::io::duplex(64 * 1024)
+    }
+
+    #[tokio::test]
+    async fn connect_streams_carry_bytes_and_identity() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client_io, server_io) = pipe();
+        let mut seen = upper_echo_server(server_io);
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let mut stream = conn
+            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
             .await
             .unwrap();
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri("203.0.113.10:80")
-            .body(Empty::new())
-            .unwrap();
-        who().write_headers(req.headers_mut()).unwrap();
-        let mut resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let mut stream = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
         stream.write_all(b"hello").await.unwrap();
+        stream.shutdown().await.unwrap();
         let mut out = Vec::new();
         stream.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"HELLO");
-        let (authority, seen) = seen_rx.recv().await.unwrap();
+        let (authority, who_seen) = seen.recv().await.unwrap();
         assert_eq!(authority, "203.0.113.10:80");
-        assert_eq!(seen, Some(who()));
+        assert_eq!(who_seen, Some(who()));
+    }
+
+    /// Megabytes each way on many streams at once: far past every flow
+    /// control window, so it only completes if read bytes are released
+    /// back to the peer and writes wait for capacity.
+    #[tokio::test]
+    async fn transfers_larger_than_the_windows_complete_on_concurrent_streams() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client_io, server_io) = pipe();
+        let _seen = upper_echo_server(server_io);
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let size = 3 * STREAM_WINDOW as usize + 12_345;
+        let mut streams = Vec::new();
+        for i in 0..4u8 {
+            let stream = conn
+                .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
+                .await
+                .unwrap();
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let payload: Vec<u8> = (0..size).map(|j| b'a' + ((j + i as usize) % 26) as u8).collect();
+            let expect = payload.to_ascii_uppercase();
+            let writer = tokio::spawn(async move {
+                wr.write_all(&payload).await.unwrap();
+                wr.shutdown().await.unwrap();
+            });
+            let reader = tokio::spawn(async move {
+                let mut out = Vec::new();
+                rd.read_to_end(&mut out).await.unwrap();
+                assert!(
+                    out == expect,
+                    "stream {i}: {} bytes back, not the {size} sent upper-cased",
+                    out.len()
+                );
+            });
+            streams.push((writer, reader));
+        }
+        let all = async {
+            for (w, r) in streams {
+                w.await.unwrap();
+                r.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all)
+            .await
+            .expect("transfers stalled: flow control capacity is not released");
+    }
+
+    /// A stream the agent drops (its pod's connection failed) must end the
+    /// gateway's side too, not hold it open.
+    #[tokio::test]
+    async fn a_dropped_client_stream_ends_the_servers_read() {
+        use tokio::io::AsyncReadExt;
+        let (client_io, server_io) = pipe();
+        let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(serve(
+            server_io,
+            |_: ConnectRequest| async { Ok::<_, Refusal>(()) },
+            move |_: (), mut stream: TunnelStream| {
+                let ended_tx = ended_tx.clone();
+                async move {
+                    let mut buf = [0u8; 16];
+                    let r = stream.read(&mut buf).await;
+                    let _ = ended_tx.send(r.map_err(|e| e.kind()));
+                }
+            },
+        ));
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let stream = conn
+            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
+            .await
+            .unwrap();
+        drop(stream);
+        let ended = tokio::time::timeout(Duration::from_secs(10), ended_rx.recv())
+            .await
+            .expect("the server's read is still waiting on a dropped stream");
+        assert!(
+            matches!(ended, Some(Ok(0)) | Some(Err(_))),
+            "the server read {ended:?} from a dropped stream"
+        );
     }
 
     #[tokio::test]
     async fn a_refused_stream_gets_the_status_and_reason_and_no_handler() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (client_io, server_io) = pipe();
         tokio::spawn(serve(
             server_io,
             |_: ConnectRequest| async {
@@ -544,19 +756,88 @@ mod tests {
             },
             |_: (), _: TunnelStream| async { panic!("a refused stream was served") },
         ));
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(client_io))
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let r = conn
+            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
+            .await;
+        match r {
+            Err(TunnelError::Refused(status, reason)) => {
+                assert_eq!(status, StatusCode::FORBIDDEN);
+                assert_eq!(reason, "pod x runs on node-b");
+            }
+            Err(e) => panic!("refused stream: wrong error {e}"),
+            Ok(_) => panic!("a refused stream was opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_connect_is_served() {
+        let (client_io, server_io) = pipe();
+        let _seen = upper_echo_server(server_io);
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let get = Request::get("https://api.openai.com/v1/models").body(()).unwrap();
+        match conn.open(get).await {
+            Err(TunnelError::Refused(status, _)) => assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED),
+            Err(e) => panic!("GET: wrong error {e}"),
+            Ok(_) => panic!("a GET was given a tunnel stream"),
+        }
+    }
+
+    /// A gateway that accepts a stream but never answers it (admission
+    /// stuck) does not leave the pod's connection hanging.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_stream_times_out() {
+        let (client_io, server_io) = pipe();
+        tokio::spawn(serve(
+            server_io,
+            |_: ConnectRequest| std::future::pending::<Result<(), Refusal>>(),
+            |_: (), _: TunnelStream| async {},
+        ));
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let opening = conn.open(connect_request("203.0.113.10:80", &who(), None).unwrap());
+        let r = tokio::time::timeout(STREAM_ANSWER_TIMEOUT * 2, opening)
             .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri("203.0.113.10:80")
-            .body(Empty::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-        assert_eq!(resp.headers()[HEADER_REFUSAL], "pod x runs on node-b");
+            .expect("an unanswered stream was waited on past its deadline");
+        assert!(matches!(r, Err(TunnelError::Timeout(_))), "{:?}", r.err());
+    }
+
+    /// A peer that passed TLS but never speaks HTTP/2 does not hold a
+    /// connection (and its task) forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_dropped_after_the_handshake_deadline() {
+        let (_client_io, server_io) = pipe();
+        let served = serve(
+            server_io,
+            |_: ConnectRequest| async { Ok::<_, Refusal>(()) },
+            |_: (), _: TunnelStream| async {},
+        );
+        let r = tokio::time::timeout(HANDSHAKE_TIMEOUT * 3, served)
+            .await
+            .expect("a silent peer was never dropped");
+        assert!(matches!(r, Err(TunnelError::Timeout(_))), "{r:?}");
+    }
+
+    /// A gateway that stops answering (its node lost power: no FIN, no
+    /// RST) is noticed by the keepalive, so new streams dial afresh.
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_that_stops_answering_pings_closes_the_connection() {
+        let (client_io, server_io) = pipe();
+        // The server completes the handshake, then is never polled again.
+        let frozen = tokio::spawn(async move {
+            let conn = h2::server::handshake(server_io).await.unwrap();
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let deadline = tokio::time::Instant::now() + (KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT) * 2;
+        while !conn.is_closed() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the connection to a silent gateway is still considered open"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        frozen.abort();
     }
 
     #[test]
