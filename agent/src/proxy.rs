@@ -187,7 +187,9 @@ impl Proxy {
         self.metrics.active.inc();
         let outcome = match (self.mode, &self.uplink) {
             (Mode::Tunnel, Some(uplink)) => {
-                let who = WorkloadIdentity {
+                // Boxed and moved into the tunnel's opening: freed once the
+                // stream is open, not held for the connection's life.
+                let who = Box::new(WorkloadIdentity {
                     spiffe: SpiffeId::workload(
                         &self.trust_domain,
                         &workload.spec.namespace,
@@ -197,10 +199,10 @@ impl Proxy {
                     service_account: workload.spec.service_account.clone(),
                     pod: Some(workload.spec.name.clone()),
                     node: Some(self.node_name.clone()),
-                };
+                });
                 let host_name = host.clone().unwrap_or_else(|| dst.ip().to_string());
                 match self
-                    .forward_tunnel(uplink, &mut client, dst, &host_name, &who)
+                    .forward_tunnel(uplink, &mut client, dst, &host_name, who)
                     .await
                 {
                     Err(TunnelFailure::Open(e)) => {
@@ -253,16 +255,17 @@ impl Proxy {
         client: &mut TcpStream,
         dst: SocketAddr,
         host: &str,
-        who: &WorkloadIdentity,
+        who: Box<WorkloadIdentity>,
     ) -> Result<(u64, u64), TunnelFailure> {
         let gateway = uplink
             .gateway_for(self.routes.gateway_for(host), host)
             .map_err(TunnelFailure::Open)?;
         // Boxed: opening's state (the CONNECT request and its answer) is
         // freed once open, instead of sizing the task for its whole life.
-        let (mut stream, _permit) = Box::pin(uplink.open(&gateway, &dst.to_string(), who))
-            .await
-            .map_err(TunnelFailure::Open)?;
+        let (mut stream, _permit) =
+            Box::pin(async move { uplink.open(&gateway, &dst.to_string(), &who).await })
+                .await
+                .map_err(TunnelFailure::Open)?;
         let _ = client.set_nodelay(true);
         llm_egress_mesh::copy::copy_bidirectional(client, &mut stream)
             .await

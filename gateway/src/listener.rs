@@ -93,10 +93,10 @@ pub async fn serve_tunnel(
                 let (gw, agent, node_auth) = (g.clone(), agent.clone(), node_auth.clone());
                 async move { admit_stream(&gw, &node_auth, &agent, is_agent, &req.headers, &req.authority).await }
             };
-            let handler = move |source: Source, stream: TunnelStream| {
-                let gw = gw.clone();
-                async move { tunnel_stream(gw, source, stream).await }
-            };
+            // No async block around tunnel_stream: it would hold a second
+            // copy of the arguments for the stream's whole life.
+            let handler =
+                move |source: Source, stream: TunnelStream| tunnel_stream(gw.clone(), source, stream);
             if let Err(e) = tunnel::serve(stream, admit, handler).await {
                 tracing::debug!(%peer, error = %e, "tunnel connection ended");
             }
@@ -189,16 +189,15 @@ async fn admit_stream(
 
 async fn tunnel_stream(gw: Arc<Gateway>, source: Source, mut stream: TunnelStream) {
     let mut first = Vec::new();
-    let deadlines = gw.deadlines;
-    let sniffed = match tokio::time::timeout(deadlines.sniff, sniff(&mut stream, &mut first)).await {
+    let sniffed = match tokio::time::timeout(gw.deadlines.sniff, sniff(&mut stream, &mut first)).await {
         Ok(r) => r,
         Err(_) => {
-            tracing::info!(principal = source.principal.as_deref().unwrap_or("-"), deadline = ?deadlines.sniff, "tunnel stream sent nothing in time; closed");
+            tracing::info!(principal = source.principal.as_deref().unwrap_or("-"), deadline = ?gw.deadlines.sniff, "tunnel stream sent nothing in time; closed");
             gw.metrics.client_timeout("sniff");
             return;
         }
     };
-    let stream = IdleTimeout::new(stream, deadlines.idle);
+    let stream = IdleTimeout::new(stream, gw.deadlines.idle);
     // Boxed: a held stream waiting for its first byte is sized for the
     // sniff, not for an HTTP/1 connection's or a passthrough's state.
     match sniffed {

@@ -46,7 +46,9 @@ pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> s
     if !(buf[0] == 0x16 && (buf.len() < 2 || buf[1] == 0x03)) {
         return Ok(Sniffed::Http);
     }
-    let mut acceptor = rustls::server::Acceptor::default();
+    // Boxed: rustls's acceptor is over 1 KiB, and would otherwise size
+    // every stream's task while it waits for its first byte.
+    let mut acceptor = Box::new(rustls::server::Acceptor::default());
     let mut fed = 0;
     loop {
         let mut rd = &buf[fed..];

@@ -249,20 +249,29 @@ where
             return Ok(());
         };
         let (req, respond) = next?;
-        tokio::spawn(serve_stream(req, respond, admit.clone(), handler.clone()));
+        // The task holds the opening (the request, admission) boxed, and
+        // frees it once the stream is answered: a held stream's task is
+        // sized for its handler only.
+        let opening = Box::pin(open_stream(req, respond, admit.clone()));
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Some((admitted, stream)) = opening.await {
+                handler(admitted, stream).await;
+            }
+        });
     }
 }
 
-async fn serve_stream<A, AF, T, H, F>(
+/// Admits or refuses one stream; an admitted one is answered `200` and
+/// returned with what `admit` gave.
+async fn open_stream<A, AF, T>(
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     admit: A,
-    handler: H,
-) where
+) -> Option<(T, TunnelStream)>
+where
     A: Fn(ConnectRequest) -> AF,
     AF: Future<Output = Result<T, Refusal>>,
-    H: Fn(T, TunnelStream) -> F,
-    F: Future<Output = ()>,
 {
     let mut status_only = |status: StatusCode, reason: Option<&str>| {
         let mut resp = Response::new(());
@@ -272,6 +281,7 @@ async fn serve_stream<A, AF, T, H, F>(
         }
         // The peer may have reset the stream meanwhile: nothing to tell.
         let _ = respond.send_response(resp, true);
+        None
     };
     if req.method() != Method::CONNECT {
         return status_only(StatusCode::METHOD_NOT_ALLOWED, None);
@@ -289,8 +299,11 @@ async fn serve_stream<A, AF, T, H, F>(
         Err(r) => return status_only(r.status, Some(&r.reason)),
     };
     match respond.send_response(Response::new(()), false) {
-        Ok(send) => handler(admitted, TunnelStream::new(send, body)).await,
-        Err(e) => tracing::debug!(error = %e, "tunnel stream reset before it was answered"),
+        Ok(send) => Some((admitted, TunnelStream::new(send, body))),
+        Err(e) => {
+            tracing::debug!(error = %e, "tunnel stream reset before it was answered");
+            None
+        }
     }
 }
 
