@@ -6,9 +6,9 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo xtask setup --toolchain-only \
- && cargo build --release -p llm-egress-agent --target x86_64-unknown-linux-gnu \
+ && cargo build --profile dist -p llm-egress-agent --target x86_64-unknown-linux-gnu \
       --config 'target.x86_64-unknown-linux-gnu.rustflags=["-C","target-feature=+crt-static"]' \
- && cp target/x86_64-unknown-linux-gnu/release/llm-egress-agent /llm-egress-agent
+ && cp target/x86_64-unknown-linux-gnu/dist/llm-egress-agent /llm-egress-agent
 
 FROM scratch
 COPY --from=build /llm-egress-agent /llm-egress-agent

@@ -5,10 +5,10 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p llm-egress-gateway -p llm-egress-tests --bins --target x86_64-unknown-linux-gnu \
+RUN cargo build --profile dist -p llm-egress-gateway -p llm-egress-tests --bins --target x86_64-unknown-linux-gnu \
       --config 'target.x86_64-unknown-linux-gnu.rustflags=["-C","target-feature=+crt-static"]' \
- && cp target/x86_64-unknown-linux-gnu/release/llm-egress-gateway /llm-egress-gateway \
- && cp target/x86_64-unknown-linux-gnu/release/llm-egress-fake-provider /llm-egress-fake-provider
+ && cp target/x86_64-unknown-linux-gnu/dist/llm-egress-gateway /llm-egress-gateway \
+ && cp target/x86_64-unknown-linux-gnu/dist/llm-egress-fake-provider /llm-egress-fake-provider
 
 FROM scratch AS test-provider
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt

@@ -187,6 +187,57 @@ struct BenchArgs {
     no_litellm: bool,
 }
 
+/// The agent and gateway as shipped (`profile.dist`: what the images
+/// build), and the load generator and provider as plain release builds,
+/// gathered in one directory for the bench.
+fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "llm-egress-tests",
+        "-p",
+        "llm-egress-bench",
+        "--bins",
+    ]))?;
+    let step =
+        setup::Step::start("building the agent and gateway as shipped (profile dist: LTO; a few minutes)");
+    run(cargo().args([
+        "build",
+        "--profile",
+        "dist",
+        "-p",
+        "llm-egress-agent",
+        "-p",
+        "llm-egress-gateway",
+        "--bins",
+    ]))?;
+    step.done();
+    let dir = target.join("bench-bin");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let shipped = ["llm-egress-agent", "llm-egress-gateway"];
+    for entry in std::fs::read_dir(target.join("release"))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with("llm-egress-")
+            && !name.contains('.')
+            && path.is_file()
+            && !shipped.contains(&name)
+        {
+            std::os::unix::fs::symlink(&path, dir.join(name))?;
+        }
+    }
+    for name in shipped {
+        std::os::unix::fs::symlink(target.join("dist").join(name), dir.join(name))?;
+    }
+    Ok(dir)
+}
+
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let BenchArgs {
         quick,
@@ -214,17 +265,18 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let release = release || !quick;
-    let mut build = cargo();
-    build.arg("build");
-    for p in BINARY_PACKAGES.iter().chain(&["llm-egress-bench"]) {
-        build.args(["-p", p]);
-    }
-    build.arg("--bins");
-    if release {
-        build.arg("--release");
-    }
-    run(&mut build)?;
     let target = llm_egress_tests::env::target_dir();
+    let bins = if release {
+        release_bench_bins(&target)?
+    } else {
+        let mut build = cargo();
+        build.arg("build");
+        for p in BINARY_PACKAGES.iter().chain(&["llm-egress-bench"]) {
+            build.args(["-p", p]);
+        }
+        run(build.arg("--bins"))?;
+        target.join("debug")
+    };
     match std::env::var_os("LLM_EGRESS_BIN_DIR") {
         // A profiling run wraps a binary (heaptrack, perf): docs/bench/README.md.
         Some(dir) => println!(
@@ -232,12 +284,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             std::path::Path::new(&dir).display()
         ),
         // SAFETY: set before any thread of ours reads the environment.
-        None => unsafe {
-            std::env::set_var(
-                "LLM_EGRESS_BIN_DIR",
-                target.join(if release { "release" } else { "debug" }),
-            )
-        },
+        None => unsafe { std::env::set_var("LLM_EGRESS_BIN_DIR", bins) },
     }
     let opts = llm_egress_bench::Options {
         quick,
