@@ -113,8 +113,8 @@ impl AsyncWrite for H2Stream {
         this.send.reserve_capacity(buf.len());
         loop {
             match ready!(this.send.poll_capacity(cx)) {
-                // Capacity given to the stream and taken back before this
-                // poll: wait for more.
+                // h2 0.4 does not answer 0 (it waits instead); should a
+                // later version, asking again registers the waker.
                 Some(Ok(0)) => continue,
                 Some(Ok(granted)) => {
                     let n = granted.min(buf.len());

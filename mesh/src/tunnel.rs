@@ -44,8 +44,11 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 16384;
 /// stream whose reader stalls can make h2 buffer.
 const STREAM_WINDOW: u32 = 256 * 1024;
 /// Shared by every stream of a connection (an agent multiplexes a node's
-/// captured connections on one).
-const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// captured connections on one). Bytes a stream's reader has not taken yet
+/// (a pod that reads slowly, a slow provider) count against it, so it must
+/// be many stream windows: 256 stalled streams, not 32, before the others
+/// wait. It is a limit on what h2 may buffer, not memory taken up front.
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// Largest header block accepted: identity headers and a node token are
 /// well under 4 KiB.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -273,7 +276,11 @@ where
     A: Fn(ConnectRequest) -> AF,
     AF: Future<Output = Result<T, Refusal>>,
 {
-    let mut status_only = |status: StatusCode, reason: Option<&str>| {
+    fn answer_only<T>(
+        respond: &mut h2::server::SendResponse<Bytes>,
+        status: StatusCode,
+        reason: Option<&str>,
+    ) -> Option<T> {
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         if let Some(v) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {
@@ -282,21 +289,36 @@ where
         // The peer may have reset the stream meanwhile: nothing to tell.
         let _ = respond.send_response(resp, true);
         None
-    };
+    }
     if req.method() != Method::CONNECT {
-        return status_only(StatusCode::METHOD_NOT_ALLOWED, None);
+        return answer_only(&mut respond, StatusCode::METHOD_NOT_ALLOWED, None);
     }
     let (parts, body) = req.into_parts();
     let Some(authority) = parts.uri.authority().map(|a| a.to_string()) else {
-        return status_only(StatusCode::BAD_REQUEST, None);
+        return answer_only(&mut respond, StatusCode::BAD_REQUEST, None);
     };
     let connect = ConnectRequest {
         authority,
         headers: parts.headers,
     };
-    let admitted = match admit(connect).await {
+    // A stream the peer resets while it is being admitted (a token review
+    // may take seconds) stops its admission at once: h2 no longer counts a
+    // reset stream against the concurrent-stream limit, so a peer could
+    // otherwise pile up admissions without bound by opening and resetting.
+    let decided = {
+        let admission = admit(connect);
+        let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        tokio::select! {
+            decided = admission => decided,
+            _ = reset => {
+                tracing::debug!("tunnel stream reset by the peer during admission");
+                return None;
+            }
+        }
+    };
+    let admitted = match decided {
         Ok(t) => t,
-        Err(r) => return status_only(r.status, Some(&r.reason)),
+        Err(r) => return answer_only(&mut respond, r.status, Some(&r.reason)),
     };
     match respond.send_response(Response::new(()), false) {
         Ok(send) => Some((admitted, TunnelStream::new(send, body))),
@@ -357,6 +379,7 @@ impl TunnelConnection {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, mut conn) = h2::client::Builder::new()
+            .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
@@ -392,8 +415,15 @@ impl TunnelConnection {
     /// the pod's connection is closed rather than left hanging.
     pub async fn open(&self, req: Request<()>) -> Result<TunnelStream, TunnelError> {
         let opening = async {
-            let mut sender = self.sender.clone().ready().await?;
-            let (response, send) = sender.send_request(req, false)?;
+            // A failure here is the connection's (a GOAWAY, say): mark it
+            // closed at once, so the next stream dials a new one instead
+            // of waiting for this one's streams to drain.
+            let closed = |e: h2::Error| {
+                self.closed.store(true, Ordering::Release);
+                TunnelError::Http(e)
+            };
+            let mut sender = self.sender.clone().ready().await.map_err(closed)?;
+            let (response, send) = sender.send_request(req, false).map_err(closed)?;
             Ok::<_, TunnelError>((response.await?, send))
         };
         let (resp, send) = tokio::time::timeout(STREAM_ANSWER_TIMEOUT, opening)
@@ -750,10 +780,104 @@ mod tests {
         let ended = tokio::time::timeout(Duration::from_secs(10), ended_rx.recv())
             .await
             .expect("the server's read is still waiting on a dropped stream");
+        // An error, not a clean end: a pod's upload cut short must not
+        // reach the provider as a complete request.
         assert!(
-            matches!(ended, Some(Ok(0)) | Some(Err(_))),
+            matches!(ended, Some(Err(_))),
             "the server read {ended:?} from a dropped stream"
         );
+    }
+
+    /// Writing to a stream the gateway has reset fails, and does not wait
+    /// for window capacity that will never come.
+    #[tokio::test]
+    async fn writes_to_a_stream_the_server_reset_fail() {
+        use tokio::io::AsyncWriteExt;
+        let (client_io, server_io) = pipe();
+        tokio::spawn(serve(
+            server_io,
+            |_: ConnectRequest| async { Ok::<_, Refusal>(()) },
+            // Dropped unread: the server resets the stream.
+            |_: (), stream: TunnelStream| async move { drop(stream) },
+        ));
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let mut stream = conn
+            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let writing = async {
+            // More than the stream's window: without the reset noticed,
+            // this would wait for capacity forever.
+            for _ in 0..(2 * STREAM_WINDOW as usize / chunk.len() + 1) {
+                stream.write_all(&chunk).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), writing)
+            .await
+            .expect("a write to a reset stream waited forever");
+        assert!(r.is_err(), "writes to a reset stream succeeded");
+    }
+
+    /// A stream reset while it is being admitted stops its admission: a
+    /// peer that opens and resets streams cannot pile up admissions (h2
+    /// no longer counts a reset stream against the stream limit).
+    #[tokio::test]
+    async fn a_stream_reset_during_admission_stops_the_admission() {
+        let (client_io, server_io) = pipe();
+        let (admitting_tx, admitting_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let slot = Arc::new(std::sync::Mutex::new(Some((admitting_tx, started_tx))));
+        tokio::spawn(serve(
+            server_io,
+            move |_: ConnectRequest| {
+                let taken = slot.lock().unwrap().take();
+                async move {
+                    // Held until the admission is dropped.
+                    let _admitting = taken.map(|(admitting, started)| {
+                        let _ = started.send(());
+                        admitting
+                    });
+                    std::future::pending::<Result<(), Refusal>>().await
+                }
+            },
+            |_: (), _: TunnelStream| async {},
+        ));
+        let conn = TunnelConnection::handshake(client_io).await.unwrap();
+        let opening = conn.open(connect_request("203.0.113.10:80", &who(), None).unwrap());
+        tokio::select! {
+            _ = opening => panic!("a stream whose admission never ends was answered"),
+            _ = started_rx => {}
+        }
+        // `opening` is dropped here: the client resets the stream.
+        let ended = tokio::time::timeout(Duration::from_secs(10), admitting_rx).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the admission of a reset stream is still running"
+        );
+    }
+
+    /// An agent that stops answering pings (its node vanished) does not
+    /// hold the gateway's connection, and its streams, forever.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_stops_answering_pings_is_dropped() {
+        let (client_io, server_io) = pipe();
+        // The client sends its preface, then is never polled again.
+        let (_sender, frozen) = h2::client::handshake(client_io).await.unwrap();
+        let served = serve(
+            server_io,
+            |_: ConnectRequest| async { Ok::<_, Refusal>(()) },
+            |_: (), _: TunnelStream| async {},
+        );
+        let r = tokio::time::timeout((KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT) * 3, served)
+            .await
+            .expect("a silent agent's connection was never dropped");
+        assert!(
+            matches!(r, Err(TunnelError::Timeout(d)) if d == KEEPALIVE_TIMEOUT),
+            "{r:?}"
+        );
+        drop(frozen);
     }
 
     #[tokio::test]
