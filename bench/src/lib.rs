@@ -282,6 +282,12 @@ pub fn merge(previous: Value, mut current: Value) -> Value {
     }
     if current["kept_from_previous_run"].is_array() {
         current["previous_run_date"] = previous["date"].clone();
+        // LiteLLM runs only in the paths section: its version goes with it.
+        if current["versions"]["litellm"].as_str().unwrap_or("").is_empty()
+            && !previous["versions"]["litellm"].is_null()
+        {
+            current["versions"]["litellm"] = previous["versions"]["litellm"].clone();
+        }
     }
     current
 }
@@ -413,6 +419,16 @@ mod tests {
         assert_eq!(m["memory"], json!({"new": true}));
         assert_eq!(m["kept_from_previous_run"], json!(["paths"]));
         assert_eq!(m["previous_run_date"], "d1");
+    }
+
+    #[test]
+    fn a_merged_report_says_which_sections_come_from_the_earlier_run() {
+        let previous = json!({"date": "d1", "paths": {}, "versions": {"litellm": "litellm 1"}});
+        let current = json!({"date": "d2", "memory": {}, "versions": {"litellm": ""}});
+        let m = merge(previous, current);
+        assert_eq!(m["versions"]["litellm"], "litellm 1");
+        let md = report::markdown(&m);
+        assert!(md.contains("kept from the run of d1: paths"), "{md}");
     }
 
     #[test]

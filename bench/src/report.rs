@@ -83,6 +83,14 @@ pub fn markdown(r: &Value) -> String {
         r["versions"]["nginx"].as_str().unwrap_or(""),
         r["versions"]["litellm"].as_str().filter(|v| !v.is_empty()).map(|v| format!(", {v}")).unwrap_or_default(),
     ));
+    if let Some(kept) = r["kept_from_previous_run"].as_array() {
+        let names: Vec<&str> = kept.iter().filter_map(Value::as_str).collect();
+        out.push_str(&format!(
+            "Sections kept from the run of {}: {} (`--merge`); the rest measured now.\n\n",
+            r["previous_run_date"].as_str().unwrap_or("an earlier run"),
+            names.join(", ")
+        ));
+    }
     if let Some(p) = r["pinning"].as_object() {
         out.push_str(&format!(
             "CPU pinning: {} on CPU {}; {} on CPU {}.\n\n",
@@ -257,13 +265,18 @@ fn memory_table(m: &Value, out: &mut String) {
 }
 
 fn curves_tables(c: &Value, out: &mut String) {
-    out.push_str("\n| enrolled pods | applied in ms | agent RSS MiB | agent CPU ms |\n|---|---|---|---|\n");
+    out.push_str("\n| enrolled pods | applied in ms | agent RSS MiB (settled before: baseline) | agent CPU ms |\n|---|---|---|---|\n");
     for p in c["enrolled_pods"]["points"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "| {} | {:.0} | {} | {:.1} |\n",
+            "| {} | {:.0} | {} ({}) | {:.1} |\n",
             p["pods"],
             f(&p["applied_ms"]),
             mib(&p["agent_kb"]),
+            if p["agent_baseline_kb"].is_null() {
+                "-".to_string()
+            } else {
+                mib(&p["agent_baseline_kb"])
+            },
             f(&p["agent_cpu_ms"])
         ));
     }
