@@ -143,16 +143,7 @@ fn paths_table(r: &Value, out: &mut String) {
             .unwrap_or_default();
         out.push_str(&format!(
             "| {name}{} | {} | {} | {} | {} | {} / {} | {:.2}× | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {} | {} | {} | {} / {} |\n",
-            {
-                let rate = if x["rate"].is_null() { f(&r["options"]["rate"]) } else { f(&x["rate"]) };
-                if f(&x["achieved_rps"]) > 0.0 && f(&x["achieved_rps"]) < 0.95 * rate {
-                    format!(" (overloaded: {:.0} of {rate:.0} req/s served; its latencies are queueing)", f(&x["achieved_rps"]))
-                } else if rate < f(&r["options"]["rate"]) {
-                    format!(" (at {rate:.0} req/s: it cannot serve {})", r["options"]["rate"])
-                } else {
-                    String::new()
-                }
-            },
+            rate_note(x, &r["options"]["rate"]),
             ms(f(&x["p50_us"])),
             ms(f(&x["p90_us"])),
             ms(f(&x["p99_us"])),
@@ -188,6 +179,23 @@ fn connect_table(c: &Value, out: &mut String) {
             f(&c[k]["p50_ns"]) / 1000.0,
             f(&c[k]["p99_ns"]) / 1000.0
         ));
+    }
+}
+
+/// Why a path's latencies were not taken at the run's rate, if they were not.
+fn rate_note(x: &Value, run_rate: &Value) -> String {
+    let rate = if x["rate"].is_null() {
+        f(run_rate)
+    } else {
+        f(&x["rate"])
+    };
+    let achieved = f(&x["achieved_rps"]);
+    if achieved > 0.0 && achieved < 0.95 * rate {
+        format!(" (overloaded: {achieved:.0} of {rate:.0} req/s served; its latencies are queueing)")
+    } else if rate < f(run_rate) {
+        format!(" (at {rate:.0} req/s: it cannot serve {run_rate})")
+    } else {
+        String::new()
     }
 }
 

@@ -66,13 +66,17 @@ impl H2Stream {
 
     /// Why sending failed: the peer's reset, or the connection's error.
     fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        match ready!(self.send.poll_reset(cx)) {
-            Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
-                Poll::Ready(io::ErrorKind::BrokenPipe.into())
-            }
-            Ok(reason) => Poll::Ready(to_io(reason.into())),
-            Err(e) => Poll::Ready(to_io(e)),
-        }
+        self.send.poll_reset(cx).map(reset_to_io)
+    }
+}
+
+/// A reset (or the connection's error) as seen by a writer: the peer
+/// closing or cancelling the stream is a broken pipe.
+fn reset_to_io(reset: Result<Reason, h2::Error>) -> io::Error {
+    match reset {
+        Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => io::ErrorKind::BrokenPipe.into(),
+        Ok(reason) => to_io(reason.into()),
+        Err(e) => to_io(e),
     }
 }
 
@@ -148,9 +152,7 @@ impl AsyncWrite for H2Stream {
         match ready!(this.send.poll_reset(cx)) {
             // Already closed cleanly by the peer: nothing left to end.
             Ok(Reason::NO_ERROR) => Poll::Ready(Ok(())),
-            Ok(Reason::CANCEL | Reason::STREAM_CLOSED) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            Ok(reason) => Poll::Ready(Err(to_io(reason.into()))),
-            Err(e) => Poll::Ready(Err(to_io(e))),
+            reset => Poll::Ready(Err(reset_to_io(reset))),
         }
     }
 }

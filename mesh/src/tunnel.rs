@@ -683,6 +683,12 @@ mod tests {
         seen_rx
     }
 
+    /// Opens a stream to the provider's address for `who()`.
+    async fn open_stream_to_provider(conn: &TunnelConnection) -> Result<TunnelStream, TunnelError> {
+        conn.open(connect_request("203.0.113.10:80", &who(), None).unwrap())
+            .await
+    }
+
     fn pipe() -> (tokio::io::DuplexStream, tokio::io::DuplexStream) {
         tokio::io::duplex(64 * 1024)
     }
@@ -693,10 +699,7 @@ mod tests {
         let (client_io, server_io) = pipe();
         let mut seen = upper_echo_server(server_io);
         let conn = TunnelConnection::handshake(client_io).await.unwrap();
-        let mut stream = conn
-            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
-            .await
-            .unwrap();
+        let mut stream = open_stream_to_provider(&conn).await.unwrap();
         stream.write_all(b"hello").await.unwrap();
         stream.shutdown().await.unwrap();
         let mut out = Vec::new();
@@ -719,10 +722,7 @@ mod tests {
         let size = 3 * STREAM_WINDOW as usize + 12_345;
         let mut streams = Vec::new();
         for i in 0..4u8 {
-            let stream = conn
-                .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
-                .await
-                .unwrap();
+            let stream = open_stream_to_provider(&conn).await.unwrap();
             let (mut rd, mut wr) = tokio::io::split(stream);
             let payload: Vec<u8> = (0..size).map(|j| b'a' + ((j + i as usize) % 26) as u8).collect();
             let expect = payload.to_ascii_uppercase();
@@ -772,10 +772,7 @@ mod tests {
             },
         ));
         let conn = TunnelConnection::handshake(client_io).await.unwrap();
-        let stream = conn
-            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
-            .await
-            .unwrap();
+        let stream = open_stream_to_provider(&conn).await.unwrap();
         drop(stream);
         let ended = tokio::time::timeout(Duration::from_secs(10), ended_rx.recv())
             .await
@@ -801,10 +798,7 @@ mod tests {
             |_: (), stream: TunnelStream| async move { drop(stream) },
         ));
         let conn = TunnelConnection::handshake(client_io).await.unwrap();
-        let mut stream = conn
-            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
-            .await
-            .unwrap();
+        let mut stream = open_stream_to_provider(&conn).await.unwrap();
         let chunk = vec![b'x'; 64 * 1024];
         let writing = async {
             // More than the stream's window: without the reset noticed,
@@ -845,7 +839,7 @@ mod tests {
             |_: (), _: TunnelStream| async {},
         ));
         let conn = TunnelConnection::handshake(client_io).await.unwrap();
-        let opening = conn.open(connect_request("203.0.113.10:80", &who(), None).unwrap());
+        let opening = open_stream_to_provider(&conn);
         tokio::select! {
             _ = opening => panic!("a stream whose admission never ends was answered"),
             _ = started_rx => {}
@@ -894,9 +888,7 @@ mod tests {
             |_: (), _: TunnelStream| async { panic!("a refused stream was served") },
         ));
         let conn = TunnelConnection::handshake(client_io).await.unwrap();
-        let r = conn
-            .open(connect_request("203.0.113.10:80", &who(), None).unwrap())
-            .await;
+        let r = open_stream_to_provider(&conn).await;
         match r {
             Err(TunnelError::Refused(status, reason)) => {
                 assert_eq!(status, StatusCode::FORBIDDEN);
@@ -931,7 +923,7 @@ mod tests {
             |_: (), _: TunnelStream| async {},
         ));
         let conn = TunnelConnection::handshake(client_io).await.unwrap();
-        let opening = conn.open(connect_request("203.0.113.10:80", &who(), None).unwrap());
+        let opening = open_stream_to_provider(&conn);
         let r = tokio::time::timeout(STREAM_ANSWER_TIMEOUT * 2, opening)
             .await
             .expect("an unanswered stream was waited on past its deadline");
