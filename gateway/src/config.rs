@@ -11,16 +11,14 @@ use std::{
 
 use arc_swap::ArcSwap;
 use llm_egress_config::{
-    resources::{
-        AuthorizationPolicySpec, LlmProviderSpec, LlmRouteSpec, Named, Problem, RequestAuthenticationSpec,
-        ResourceSet, Severity,
-    },
+    resources::{LlmProviderSpec, Named, Problem, RequestAuthenticationSpec, ResourceSet, Severity},
     scope::Scope,
     source::{ResourceSource, Stamp},
 };
 
 use crate::{
-    policy::budget::Budget,
+    policy::{budget::Budget, index::PolicyIndex},
+    route::Routes,
     secrets::{self, KeyPolicy, Secret},
 };
 
@@ -65,11 +63,11 @@ pub struct Provider {
 pub struct Compiled {
     /// `namespace/name` of the Gateway resources that select this gateway.
     pub gateway_names: Vec<String>,
-    pub routes: Vec<Named<LlmRouteSpec>>,
+    pub routes: Routes,
     /// By provider host.
     pub providers: BTreeMap<String, Provider>,
-    /// Policies that apply to this gateway, in file order.
-    pub policies: Vec<Named<AuthorizationPolicySpec>>,
+    /// Policies that apply to this gateway, in file order, indexed by peer.
+    pub policies: PolicyIndex,
     pub authentications: Vec<Named<RequestAuthenticationSpec>>,
     /// Token budgets, from every namespace (a tenant's binds only its own).
     pub budgets: Vec<Budget>,
@@ -126,15 +124,16 @@ pub fn compile(
             }),
         }
     }
-    compiled.routes = set.routes;
-    compiled.policies = set
-        .policies
-        .into_iter()
-        .filter(|p| {
-            scoped(p.meta.namespace())
-                && selects(p.spec.selector.as_ref().map(|s| &s.match_labels), &me.labels)
-        })
-        .collect();
+    compiled.routes = Routes::new(set.routes, &compiled.gateway_names);
+    compiled.policies = PolicyIndex::new(
+        set.policies
+            .into_iter()
+            .filter(|p| {
+                scoped(p.meta.namespace())
+                    && selects(p.spec.selector.as_ref().map(|s| &s.match_labels), &me.labels)
+            })
+            .collect(),
+    );
     compiled.authentications = set
         .authentications
         .into_iter()

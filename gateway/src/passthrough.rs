@@ -38,11 +38,7 @@ where
     };
     let cfg = gw.config.current();
     let port = source.dest_port.unwrap_or(443);
-    let routed = cfg.routes.iter().any(|r| {
-        r.spec.host.eq_ignore_ascii_case(&sni)
-            && r.spec.gateways.iter().any(|g| cfg.gateway_names.contains(g))
-    });
-    if !routed {
+    if cfg.routes.at_this_gateway(&sni).is_none() {
         tracing::info!(target: "access", entry = source.entry, principal, sni, "TLS to a host without an LLMRoute refused");
         count(&sni, "no_route");
         return;

@@ -3,10 +3,47 @@
 //! `namespace/name`); its first rule whose match names this gateway (and
 //! whose headers match) chooses a backend, by weight.
 
+use std::collections::HashMap;
+
 use hyper::HeaderMap;
-use llm_egress_config::resources::{BackendRef, LlmRouteRule};
+use llm_egress_config::resources::{BackendRef, LlmRouteRule, LlmRouteSpec, Named};
 
 use crate::config::{Compiled, Provider};
+
+/// The LLMRoutes, with the one that serves each host at this gateway found
+/// by lookup: the first, in file order, that names one of this gateway's
+/// Gateway resources.
+#[derive(Debug, Default)]
+pub struct Routes {
+    all: Vec<Named<LlmRouteSpec>>,
+    /// Lower-cased host to its route in `all`.
+    here: HashMap<String, usize>,
+}
+
+impl Routes {
+    pub fn new(all: Vec<Named<LlmRouteSpec>>, gateway_names: &[String]) -> Routes {
+        let mut here = HashMap::new();
+        for (i, r) in all.iter().enumerate() {
+            if r.spec.gateways.iter().any(|g| gateway_names.contains(g)) {
+                here.entry(r.spec.host.to_ascii_lowercase()).or_insert(i);
+            }
+        }
+        Routes { all, here }
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// The route for `host` (any case, no port) at this gateway.
+    pub fn at_this_gateway(&self, host: &str) -> Option<&Named<LlmRouteSpec>> {
+        let i = match self.here.get(host) {
+            Some(i) => *i,
+            None => *self.here.get(&host.to_ascii_lowercase())?,
+        };
+        Some(&self.all[i])
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
@@ -75,11 +112,7 @@ pub fn candidates<'a>(
     let host_lc = strip_port(host).to_ascii_lowercase();
     let route = c
         .routes
-        .iter()
-        .find(|r| {
-            r.spec.host.eq_ignore_ascii_case(&host_lc)
-                && r.spec.gateways.iter().any(|g| c.gateway_names.contains(g))
-        })
+        .at_this_gateway(&host_lc)
         .ok_or_else(|| RouteError::NoRoute(host_lc.clone()))?;
     let rule = route
         .spec
@@ -178,6 +211,46 @@ mod tests {
             select(&c, "api.openai.com", &HeaderMap::new(), |_| 0).unwrap_err(),
             RouteError::NoRoute("api.openai.com".into())
         );
+    }
+
+    #[test]
+    fn the_first_route_naming_this_gateway_serves_its_host() {
+        let route = |name: &str, host: &str, gateway: &str, provider: &str| {
+            format!("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {{name: {name}}}\nspec:\n  host: {host}\n  gateways: [{gateway}]\n  rules:\n  - matches: [{{gateways: [{gateway}]}}]\n    backendRefs: [{{providerHost: {provider}}}]\n---\n")
+        };
+        let c = compiled(
+            &[
+                // Another gateway's route for the host comes first: skipped.
+                route(
+                    "elsewhere",
+                    "LLM.example",
+                    "istio-system/other-gw",
+                    "api.openai.com",
+                ),
+                route(
+                    "first",
+                    "llm.example",
+                    "istio-system/egress-gw",
+                    "dashscope.aliyuncs.com",
+                ),
+                route(
+                    "second",
+                    "llm.EXAMPLE",
+                    "istio-system/egress-gw",
+                    "api.openai.com",
+                ),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            c.routes
+                .at_this_gateway("Llm.Example")
+                .map(|r| r.meta.name.as_str()),
+            Some("first")
+        );
+        let p = select(&c, "LLM.example:80", &HeaderMap::new(), |_| 0).unwrap();
+        assert_eq!(p.host, "dashscope.aliyuncs.com");
+        assert!(c.routes.at_this_gateway("other.example").is_none());
     }
 
     #[test]

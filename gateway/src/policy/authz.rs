@@ -6,8 +6,10 @@
 
 use hyper::HeaderMap;
 use llm_egress_config::resources::{
-    Action, AuthorizationPolicySpec, Condition, Named, Operation, PolicyRule, Source,
+    Action, AuthorizationPolicySpec, Condition, Operation, PolicyRule, Source,
 };
+
+use super::index::PolicyIndex;
 
 /// What a policy can see of a request or connection.
 #[derive(Debug, Default, Clone)]
@@ -209,9 +211,9 @@ fn policy_matches(p: &AuthorizationPolicySpec, a: &Attributes) -> bool {
 /// The external authorizers to ask, in policy order and once each: those
 /// named by the CUSTOM policies whose rules match the request (Istio asks
 /// them before any DENY or ALLOW policy).
-pub fn custom_providers<'p>(policies: &'p [Named<AuthorizationPolicySpec>], a: &Attributes) -> Vec<&'p str> {
+pub fn custom_providers<'p>(policies: &'p PolicyIndex, a: &Attributes) -> Vec<&'p str> {
     let mut names: Vec<&str> = Vec::new();
-    for p in policies.iter().filter(|p| p.spec.action == Action::Custom) {
+    for p in policies.candidates(a).filter(|p| p.spec.action == Action::Custom) {
         let Some(provider) = &p.spec.provider else {
             continue;
         };
@@ -224,21 +226,18 @@ pub fn custom_providers<'p>(policies: &'p [Named<AuthorizationPolicySpec>], a: &
 
 /// Decides a request against the DENY and ALLOW policies that apply to
 /// this gateway (CUSTOM ones are `custom_providers`' business).
-pub fn evaluate(policies: &[Named<AuthorizationPolicySpec>], a: &Attributes) -> Decision {
-    let name = |p: &Named<AuthorizationPolicySpec>| format!("{}/{}", p.meta.namespace(), p.meta.name);
-    for p in policies.iter().filter(|p| p.spec.action == Action::Deny) {
-        if policy_matches(&p.spec, a) {
-            return Decision::Deny(format!("DENY policy {}", name(p)));
+pub fn evaluate(policies: &PolicyIndex, a: &Attributes) -> Decision {
+    let mut allowed = !policies.has_allow();
+    for p in policies.candidates(a) {
+        match p.spec.action {
+            Action::Deny if policy_matches(&p.spec, a) => {
+                return Decision::Deny(format!("DENY policy {}/{}", p.meta.namespace(), p.meta.name));
+            }
+            Action::Allow if !allowed => allowed = policy_matches(&p.spec, a),
+            _ => {}
         }
     }
-    let mut allows = policies
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow)
-        .peekable();
-    if allows.peek().is_none() {
-        return Decision::Allow;
-    }
-    if allows.any(|p| policy_matches(&p.spec, a)) {
+    if allowed {
         Decision::Allow
     } else {
         Decision::Deny("no ALLOW policy matched".into())
@@ -248,7 +247,7 @@ pub fn evaluate(policies: &[Named<AuthorizationPolicySpec>], a: &Attributes) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llm_egress_config::resources::{Meta, ResourceSet};
+    use llm_egress_config::resources::{Meta, Named, ResourceSet};
     use std::path::{Path, PathBuf};
 
     fn policies(yaml: &str) -> Vec<Named<AuthorizationPolicySpec>> {
@@ -276,7 +275,128 @@ mod tests {
     }
 
     fn allowed(ps: &[Named<AuthorizationPolicySpec>], a: &Attributes) -> bool {
-        evaluate(ps, a) == Decision::Allow
+        evaluate(&PolicyIndex::new(ps.to_vec()), a) == Decision::Allow
+    }
+
+    /// Istio's semantics as a walk over every policy: what the index must
+    /// decide too.
+    fn walk_all(ps: &[Named<AuthorizationPolicySpec>], a: &Attributes) -> Decision {
+        if let Some(p) = ps
+            .iter()
+            .find(|p| p.spec.action == Action::Deny && policy_matches(&p.spec, a))
+        {
+            return Decision::Deny(format!("DENY policy {}/{}", p.meta.namespace(), p.meta.name));
+        }
+        let mut allows = ps.iter().filter(|p| p.spec.action == Action::Allow).peekable();
+        if allows.peek().is_none() || allows.any(|p| policy_matches(&p.spec, a)) {
+            Decision::Allow
+        } else {
+            Decision::Deny("no ALLOW policy matched".into())
+        }
+    }
+
+    /// Every combination of a population of filed and unfiled policies and
+    /// of peers: the indexed decision (and the authorizers asked) is the
+    /// walk's.
+    #[test]
+    fn the_index_decides_as_a_walk_over_every_policy() {
+        let sources = [
+            "{principals: [cluster.local/ns/a/sa/x]}",
+            "{principals: [cluster.local/ns/a/sa/x, cluster.local/ns/b/sa/y]}",
+            "{principals: ['cluster.local/ns/b/*']}",
+            "{principals: ['*/sa/y']}",
+            "{namespaces: [a]}",
+            "{namespaces: [b], principals: ['*']}",
+            "{notPrincipals: [cluster.local/ns/a/sa/x]}",
+            "{notNamespaces: [b]}",
+            "{principals: []}",
+        ];
+        let tos = [
+            "",
+            ", to: [{operation: {paths: ['/v1/*']}}]",
+            ", to: [{operation: {methods: [GET]}}]",
+        ];
+        let mut yaml = String::new();
+        let mut n = 0;
+        for (i, source) in sources.iter().enumerate() {
+            for (j, to) in tos.iter().enumerate() {
+                for action in ["ALLOW", "DENY", "CUSTOM"] {
+                    n += 1;
+                    let provider = if action == "CUSTOM" {
+                        format!("  provider: {{name: ext-{n}}}\n")
+                    } else {
+                        String::new()
+                    };
+                    let second = if (i + j) % 4 == 0 {
+                        format!(", {{from: [{{source: {}}}]}}", sources[(i + 4) % sources.len()])
+                    } else {
+                        String::new()
+                    };
+                    yaml.push_str(&format!(
+                        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {{name: p{n}, namespace: istio-system}}\nspec:\n  action: {action}\n{provider}  rules: [{{from: [{{source: {source}}}]{to}}}{second}]\n---\n"
+                    ));
+                }
+            }
+        }
+        yaml.push_str("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: open, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n");
+        let all = policies(&yaml);
+        let peers = [
+            (Some("cluster.local/ns/a/sa/x"), Some("a")),
+            (Some("cluster.local/ns/b/sa/y"), Some("b")),
+            (Some("cluster.local/ns/c/sa/y"), Some("c")),
+            (Some("cluster.local/ns/a/sa/x"), Some("b")),
+            (None, None),
+        ];
+        let requests = [
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("POST", "/admin"),
+        ];
+        let (mut decided, mut allowed) = (0, 0);
+        // Suffixes, every third policy, and the sets without DENYs: sets
+        // with and without ALLOWs.
+        let no_deny: Vec<_> = all
+            .iter()
+            .filter(|p| p.spec.action != Action::Deny)
+            .cloned()
+            .collect();
+        let subsets: Vec<Vec<Named<AuthorizationPolicySpec>>> = (0..all.len())
+            .step_by(7)
+            .map(|k| all[k..].to_vec())
+            .chain((0..3).map(|r| all.iter().skip(r).step_by(3).cloned().collect()))
+            .chain((0..no_deny.len()).step_by(5).map(|k| no_deny[k..].to_vec()))
+            .collect();
+        for set in &subsets {
+            let index = PolicyIndex::new(set.clone());
+            for (principal, namespace) in peers {
+                for (method, path) in requests {
+                    for l4 in [false, true] {
+                        let a = Attributes {
+                            principal,
+                            namespace,
+                            method: (!l4).then_some(method),
+                            path: (!l4).then_some(path),
+                            ..sleep()
+                        };
+                        let decision = evaluate(&index, &a);
+                        assert_eq!(decision, walk_all(set, &a), "{a:?}");
+                        allowed += usize::from(decision == Decision::Allow);
+                        let customs: Vec<&str> = set
+                            .iter()
+                            .filter(|p| p.spec.action == Action::Custom && policy_matches(&p.spec, &a))
+                            .filter_map(|p| p.spec.provider.as_ref().map(|x| x.name.as_str()))
+                            .collect();
+                        assert_eq!(custom_providers(&index, &a), customs, "{a:?}");
+                        decided += 1;
+                    }
+                }
+            }
+        }
+        // Both outcomes, many times.
+        assert!(
+            decided >= 400 && allowed >= 50 && decided - allowed >= 50,
+            "{decided} {allowed}"
+        );
     }
 
     #[test]
@@ -522,7 +642,7 @@ mod tests {
 
     #[test]
     fn deny_reason_names_the_policy() {
-        let ps = vec![Named {
+        let ps = PolicyIndex::new(vec![Named {
             meta: Meta {
                 name: "test".into(),
                 namespace: Some("istio-system".into()),
@@ -530,7 +650,7 @@ mod tests {
             },
             spec: policy("DENY", "[{}]").spec,
             file: PathBuf::new(),
-        }];
+        }]);
         assert_eq!(
             evaluate(&ps, &sleep()),
             Decision::Deny("DENY policy istio-system/test".into())
@@ -542,9 +662,9 @@ mod tests {
     /// `*` matches only itself; DENY on every source always denies.
     #[test]
     fn fuzz_authorization_matcher() {
-        let deny_all = policies(
+        let deny_all = PolicyIndex::new(policies(
             "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: istio-system}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: ['*']}}]\n    to: [{operation: {hosts: ['*.aliyuncs.com', 'dashscope*'], paths: ['/v1/*']}}]\n  - from: [{source: {notNamespaces: ['x']}}]\n",
-        );
+        ));
         bolero::check!()
             .with_type::<(String, String, String, String)>()
             .with_iterations(crate::FUZZ_ITERATIONS)

@@ -5,6 +5,7 @@
 pub mod authz;
 pub mod budget;
 pub mod ext_authz;
+pub mod index;
 pub mod jwks;
 pub mod jwt;
 pub mod mesh_source;
