@@ -270,7 +270,7 @@ pub fn gateway_resources(b: &Bench) -> anyhow::Result<Value> {
         let cpu1 = cpu_s(gateway);
         let p50 = v["p50_us"].as_f64().unwrap_or(0.0);
         let base = *baseline_p50.get_or_insert(p50);
-        let requests = v["count"].as_f64().unwrap_or(0.0).max(1.0);
+        let requests = v["sent"].as_f64().unwrap_or(0.0).max(1.0);
         let point = json!({
             "policies": n,
             "routes": n,

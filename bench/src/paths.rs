@@ -253,6 +253,7 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             };
             put("rate", rate as f64);
             let cpu0 = cpu_ticks(p);
+            let switches0 = context_switches(p);
             let mut a = vec![
                 "rate".into(),
                 "--rate".into(),
@@ -263,7 +264,9 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             a.extend(target_args(p, &p.body));
             let v = b.loadgen(&p.cgroup, &a, Duration::from_secs_f64(opts.seconds + 60.0))?;
             let cpu1 = cpu_ticks(p);
-            let requests = v["count"].as_f64().unwrap_or(0.0);
+            let switches1 = context_switches(p);
+            // The processes' CPU covers the warm-up too: per request sent.
+            let requests = v["sent"].as_f64().unwrap_or(0.0);
             for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
                 put(q, v[q].as_f64().unwrap_or(0.0));
             }
@@ -271,6 +274,10 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             put("achieved_rps", v["achieved_rps"].as_f64().unwrap_or(0.0));
             if !p.procs.is_empty() && requests > 0.0 {
                 put("cpu_s_per_1k", cpu_s_per_1k(cpu1 - cpu0, requests));
+                put(
+                    "switches_per_request",
+                    switches1.saturating_sub(switches0) as f64 / requests,
+                );
             }
             for c in SATURATION_CONNECTIONS {
                 let perf = (opts.profile && round == 0 && c == 16 && p.name == "llm-egress")
@@ -360,6 +367,14 @@ fn saturate_args(p: &PathSpec, connections: usize, seconds: f64) -> Vec<String> 
 /// CPU ticks used so far by a path's proxy processes.
 fn cpu_ticks(p: &PathSpec) -> u64 {
     p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum()
+}
+
+/// Context switches so far of a path's proxy processes.
+fn context_switches(p: &PathSpec) -> u64 {
+    p.procs
+        .iter()
+        .map(|(_, pid)| procstat::context_switches(*pid))
+        .sum()
 }
 
 fn cpu_s_per_1k(ticks: u64, requests: f64) -> f64 {

@@ -119,7 +119,7 @@ pub fn markdown(r: &Value) -> String {
 }
 
 fn paths_table(r: &Value, out: &mut String) {
-    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms (paired) | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 16 conns vs Envoy | 64 conns | new conn/s | CPU s per 1k req (fixed rate / 16 conns) | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
+    out.push_str("| path | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 / p99 ms (paired) | p50 vs direct | p50 vs Envoy | req/s 1 conn | 16 conns | 16 conns vs Envoy | 64 conns | new conn/s | CPU s per 1k req (fixed rate / 16 conns; context switches per req at the fixed rate) | peak RSS MiB | SSE TTFB ms | SSE gap p50 / p99 ms |\n");
     out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let p = &r["paths"];
     let direct = &p["direct"];
@@ -157,13 +157,30 @@ fn paths_table(r: &Value, out: &mut String) {
             f(&x["sat_16"]) / f(&envoy["sat_16"]).max(1.0),
             f(&x["sat_64"]),
             f(&x["newconn_rps"]),
-            if x["cpu_s_per_1k"].is_null() { "-".to_string() } else { format!("{:.3} / {:.3}", f(&x["cpu_s_per_1k"]), f(&x["sat_16_cpu_s_per_1k"])) },
+            cpu_cell(x),
             if procs.is_empty() { "-".to_string() } else { format!("{:.1} ({})", rss / 1024.0, procs.join(", ")) },
             ms(f(&x["ttfb_p50_us"])),
             ms(f(&x["gap_p50_us"])),
             ms(f(&x["gap_p99_us"])),
         ));
     }
+}
+
+/// CPU at the fixed rate and saturated, and how often the proxies were
+/// switched in and out per request at the fixed rate (when measured).
+fn cpu_cell(x: &Value) -> String {
+    if x["cpu_s_per_1k"].is_null() {
+        return "-".into();
+    }
+    let mut cell = format!(
+        "{:.3} / {:.3}",
+        f(&x["cpu_s_per_1k"]),
+        f(&x["sat_16_cpu_s_per_1k"])
+    );
+    if let Some(s) = x["switches_per_request"].as_f64() {
+        cell.push_str(&format!("; {s:.1}"));
+    }
+    cell
 }
 
 fn connect_table(c: &Value, out: &mut String) {

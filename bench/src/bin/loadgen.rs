@@ -254,7 +254,7 @@ async fn rate(
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = hist();
-            let mut errors = 0u64;
+            let (mut errors, mut sent) = (0u64, 0u64);
             let mut sender = client.connect().await?;
             // Spread the connections' schedules evenly.
             let mut next = start + interval.mul_f64(c as f64 / connections as f64);
@@ -267,6 +267,7 @@ async fn rate(
                         false
                     }
                 };
+                sent += 1;
                 if next >= measure_from {
                     if ok {
                         h.record(next.elapsed().as_micros().max(1) as u64)?;
@@ -276,18 +277,21 @@ async fn rate(
                 }
                 next += interval;
             }
-            Ok::<_, anyhow::Error>((h, errors))
+            Ok::<_, anyhow::Error>((h, errors, sent))
         }));
     }
     let mut all = hist();
-    let mut errors = 0;
+    let (mut errors, mut sent) = (0, 0);
     for t in tasks {
-        let (h, e) = t.await??;
+        let (h, e, s) = t.await??;
         all.add(h)?;
         errors += e;
+        sent += s;
     }
     let mut v = latency_json(&all);
     v["errors"] = errors.into();
+    // Warm-up included: what a process's CPU over the whole run served.
+    v["sent"] = sent.into();
     v["achieved_rps"] = (all.len() as f64 / seconds).into();
     Ok(v)
 }
