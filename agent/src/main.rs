@@ -411,8 +411,17 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
                     }
                     None => tokio::time::sleep(Duration::from_secs(1)).await,
                 }
-                if let Some(table) = routes.check() {
-                    targets.set_hosts(&capture_hosts(&extra, &table));
+                // Off the async workers: parsing 10,000s of resources takes
+                // most of a second, and captured connections on the same
+                // worker would stall for it.
+                let checking = routes.clone();
+                match tokio::task::spawn_blocking(move || checking.check()).await {
+                    Ok(Some(table)) => targets.set_hosts(&capture_hosts(&extra, &table)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        routes.forget_stamp();
+                        tracing::error!(error = %e, "checking the LLMRoute resources failed; keeping the previous routes and retrying");
+                    }
                 }
             }
         });

@@ -115,6 +115,12 @@ impl Routes {
             .cloned()
     }
 
+    /// Makes the next `check` re-read, changed or not (after a check that
+    /// did not finish).
+    pub fn forget_stamp(&self) {
+        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Re-reads the directory if it changed; returns the new table then.
     pub fn check(&self) -> Option<RouteTable> {
         let source = self.source.as_ref()?;
