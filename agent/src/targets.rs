@@ -3,11 +3,13 @@
 //! and written to `TARGETS` as (address, port) pairs.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime},
 };
+
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use hickory_resolver::{
     config::{ResolveHosts, ResolverConfig},
@@ -34,9 +36,39 @@ pub struct HostStatus {
 
 pub struct Targets {
     ports: Vec<u16>,
-    hosts: RwLock<BTreeMap<String, HostStatus>>,
+    known: RwLock<Known>,
     /// Wakes the resolver loop when the host list changes.
     changed: tokio::sync::Notify,
+}
+
+/// Lookups in flight at once: a host whose name server never answers holds
+/// one of them for the resolver's timeout, not every host behind it.
+const CONCURRENT_LOOKUPS: usize = 32;
+
+/// While lookups are still in flight, results are written to TARGETS at
+/// most this often (10,000 hosts resolving at start would otherwise
+/// rewrite the map 10,000 times).
+const SYNC_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct Known {
+    hosts: BTreeMap<String, HostStatus>,
+    /// Address to the hosts that resolve to it, for `host_of` on every
+    /// captured connection (a walk over 10,000 hosts is not).
+    by_address: HashMap<IpAddr, BTreeSet<String>>,
+}
+
+impl Known {
+    fn forget_addresses(&mut self, host: &str, addresses: &[IpAddr]) {
+        for ip in addresses {
+            if let Some(names) = self.by_address.get_mut(ip) {
+                names.remove(host);
+                if names.is_empty() {
+                    self.by_address.remove(ip);
+                }
+            }
+        }
+    }
 }
 
 /// Decides when to look a host up again: at TTL expiry, clamped to bounds.
@@ -74,28 +106,36 @@ impl Targets {
             .collect();
         Targets {
             ports,
-            hosts: RwLock::new(hosts),
+            known: RwLock::new(Known {
+                hosts,
+                by_address: HashMap::new(),
+            }),
             changed: tokio::sync::Notify::new(),
         }
     }
 
     pub fn snapshot(&self) -> Vec<HostStatus> {
-        self.hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.read().hosts.values().cloned().collect()
     }
 
     /// Replaces the host list; new hosts are resolved at once, removed
     /// hosts stop being captured at the next sync.
     pub fn set_hosts(&self, hosts: &[String]) {
         {
-            let mut map = self.hosts.write().unwrap_or_else(|p| p.into_inner());
-            map.retain(|h, _| hosts.contains(h));
+            let mut known = self.write();
+            let wanted: HashSet<&String> = hosts.iter().collect();
+            let gone: Vec<(String, Vec<IpAddr>)> = known
+                .hosts
+                .iter()
+                .filter(|(h, _)| !wanted.contains(h))
+                .map(|(h, s)| (h.clone(), s.addresses.clone()))
+                .collect();
+            for (h, addresses) in gone {
+                known.forget_addresses(&h, &addresses);
+                known.hosts.remove(&h);
+            }
             for h in hosts {
-                map.entry(h.clone()).or_insert_with(|| HostStatus {
+                known.hosts.entry(h.clone()).or_insert_with(|| HostStatus {
                     host: h.clone(),
                     ..Default::default()
                 });
@@ -105,55 +145,51 @@ impl Targets {
         self.changed.notify_one();
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.known.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
+        self.known.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn names(&self) -> Vec<String> {
-        self.hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.read().hosts.keys().cloned().collect()
     }
 
     /// Every host has been tried at least once (successfully or not).
     pub fn all_attempted(&self) -> bool {
-        self.hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .all(|h| h.attempts > 0)
+        self.read().hosts.values().all(|h| h.attempts > 0)
     }
 
-    /// The host name an address belongs to, for metrics and logs.
+    /// The host name an address belongs to, for metrics and logs (the
+    /// first in name order when several resolve to it).
     pub fn host_of(&self, ip: IpAddr) -> Option<String> {
-        self.hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .find(|h| h.addresses.contains(&ip))
-            .map(|h| h.host.clone())
+        self.read().by_address.get(&ip)?.first().cloned()
     }
 
     fn all_addresses(&self) -> BTreeSet<IpAddr> {
-        self.hosts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .flat_map(|h| h.addresses.iter().copied())
-            .collect()
+        self.read().by_address.keys().copied().collect()
     }
 
     fn record(&self, host: &str, result: Result<Vec<IpAddr>, String>) {
-        let mut hosts = self.hosts.write().unwrap_or_else(|p| p.into_inner());
-        let Some(status) = hosts.get_mut(host) else { return };
+        let mut known = self.write();
+        let Some(status) = known.hosts.get_mut(host) else {
+            return;
+        };
         status.attempts += 1;
+        let mut moved = None;
         match result {
             Ok(mut addresses) => {
                 addresses.sort();
                 addresses.dedup();
                 if addresses != status.addresses {
                     tracing::info!(host, addresses = ?addresses, "capture target resolved");
+                    moved = Some((
+                        std::mem::replace(&mut status.addresses, addresses.clone()),
+                        addresses,
+                    ));
                 }
-                status.addresses = addresses;
                 status.error = None;
                 status.resolved_at = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -165,6 +201,12 @@ impl Targets {
                     tracing::warn!(host, error = %e, "capture target does not resolve; retrying");
                 }
                 status.error = Some(e);
+            }
+        }
+        if let Some((old, new)) = moved {
+            known.forget_addresses(host, &old);
+            for ip in new {
+                known.by_address.entry(ip).or_default().insert(host.to_string());
             }
         }
     }
@@ -185,38 +227,68 @@ impl Targets {
     }
 
     /// The resolver loop: each host when due (TTL-driven), hosts added by
-    /// `set_hosts` at once, and `on_change` after every round that changed
-    /// something (a removed host is dropped from TARGETS right away).
+    /// `set_hosts` at once, up to `CONCURRENT_LOOKUPS` at a time, and
+    /// `on_change` after results came in (a removed host is dropped from
+    /// TARGETS right away).
     async fn resolve_forever(self: Arc<Self>, timing: ResolveTiming, on_change: impl Fn(&Targets)) {
-        let resolver = build_resolver();
+        self.resolve_forever_with(build_resolver(), timing, on_change)
+            .await
+    }
+
+    async fn resolve_forever_with(
+        self: Arc<Self>,
+        resolver: TokioResolver,
+        timing: ResolveTiming,
+        on_change: impl Fn(&Targets),
+    ) {
+        let resolver = &resolver;
         let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut resolving: HashSet<String> = HashSet::new();
+        let (mut dirty, mut last_sync) = (false, Instant::now());
         loop {
             let names = self.names();
-            let mut changed = due.len() != names.len() || names.iter().any(|n| !due.contains_key(n));
+            if due.len() != names.len() || names.iter().any(|n| !due.contains_key(n)) {
+                dirty = true;
+            }
             due.retain(|n, _| names.contains(n));
             for n in names {
                 due.entry(n).or_insert_with(Instant::now);
             }
             let now = Instant::now();
-            for (host, at) in due.iter_mut() {
-                if *at > now {
-                    continue;
+            for (host, at) in &due {
+                if in_flight.len() >= CONCURRENT_LOOKUPS {
+                    break;
                 }
-                let (result, valid_for) = resolve(&resolver, host).await;
-                *at = Instant::now() + next_refresh(&timing, if result.is_ok() { valid_for } else { None });
-                self.record(host, result);
-                changed = true;
+                if *at <= now && resolving.insert(host.clone()) {
+                    let host = host.clone();
+                    in_flight.push(async move {
+                        let answer = resolve(resolver, &host).await;
+                        (host, answer)
+                    });
+                }
             }
-            if changed {
+            if dirty && (in_flight.is_empty() || last_sync.elapsed() >= SYNC_EVERY) {
                 on_change(&self);
+                (dirty, last_sync) = (false, Instant::now());
             }
-            let next = due
-                .values()
+            let next_due = due
+                .iter()
+                .filter(|(h, _)| !resolving.contains(*h))
+                .map(|(_, at)| *at)
                 .min()
-                .copied()
                 .unwrap_or_else(|| Instant::now() + timing.max_refresh);
             tokio::select! {
-                _ = tokio::time::sleep_until(next.into()) => {}
+                Some((host, (result, valid_for))) = in_flight.next(), if !in_flight.is_empty() => {
+                    resolving.remove(&host);
+                    if let Some(at) = due.get_mut(&host) {
+                        *at = Instant::now() + next_refresh(&timing, if result.is_ok() { valid_for } else { None });
+                    }
+                    self.record(&host, result);
+                    dirty = true;
+                }
+                _ = tokio::time::sleep_until(next_due.into()), if in_flight.len() < CONCURRENT_LOOKUPS => {}
+                _ = tokio::time::sleep_until((last_sync + SYNC_EVERY).into()), if dirty => {}
                 _ = self.changed.notified() => {}
             }
         }
@@ -328,6 +400,119 @@ mod tests {
                 break;
             }
         }
+    }
+
+    /// A name server on loopback that answers `fast-*` names with an
+    /// address and never answers anything else, as an unreachable or
+    /// overloaded server would.
+    async fn name_server_ignoring_slow_names() -> TokioResolver {
+        use hickory_resolver::{
+            config::{NameServerConfig, ResolverOpts},
+            net::runtime::TokioRuntimeProvider,
+            proto::{
+                op::{Message, MessageType},
+                rr::{rdata::A, RData, Record, RecordType},
+            },
+        };
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(q) = query.queries.first().cloned() else {
+                    continue;
+                };
+                if !q.name().to_ascii().starts_with("fast-") {
+                    continue;
+                }
+                let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+                reply.metadata.message_type = MessageType::Response;
+                reply.metadata.recursion_desired = query.metadata.recursion_desired;
+                reply.add_query(q.clone());
+                if q.query_type() == RecordType::A {
+                    reply.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::A(A::new(192, 0, 2, 9)),
+                    ));
+                }
+                if let Ok(bytes) = reply.to_vec() {
+                    let _ = socket.send_to(&bytes, from).await;
+                }
+            }
+        });
+        let mut server = NameServerConfig::udp("127.0.0.1".parse().unwrap());
+        server.connections[0].port = port;
+        let mut opts = ResolverOpts::default();
+        // Far longer than the test waits: only concurrency can pass it.
+        opts.timeout = Duration::from_secs(120);
+        opts.attempts = 1;
+        let mut b = TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], vec![server]),
+            TokioRuntimeProvider::default(),
+        );
+        *b.options_mut() = opts;
+        b.build().unwrap()
+    }
+
+    /// A tenant's route to a name that never resolves must not hold up
+    /// capture of the hosts after it.
+    #[tokio::test]
+    async fn a_host_whose_lookup_hangs_does_not_hold_up_the_others() {
+        let resolver = name_server_ignoring_slow_names().await;
+        // Sorted before the fast host, as the loop walks hosts in order.
+        let slow = 8;
+        assert!(slow < CONCURRENT_LOOKUPS);
+        let mut hosts: Vec<String> = (0..slow).map(|i| format!("a-slow-{i}.test")).collect();
+        hosts.push("fast-llm.test".into());
+        let t = Arc::new(Targets::new(&hosts, vec![80]));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(
+            t.clone()
+                .resolve_forever_with(resolver, ResolveTiming::default(), move |t| {
+                    let _ = tx.send(t.all_addresses());
+                }),
+        );
+        let expected: BTreeSet<IpAddr> = ["192.0.2.9".parse().unwrap()].into();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("the fast host captured while the slow lookups hang");
+            if seen.as_ref() == Some(&expected) {
+                break;
+            }
+        }
+        assert_eq!(
+            t.host_of("192.0.2.9".parse().unwrap()).as_deref(),
+            Some("fast-llm.test")
+        );
+    }
+
+    #[test]
+    fn host_of_follows_changes_and_removals() {
+        let t = Targets::new(&["b.test".into(), "a.test".into()], vec![80]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        t.record("b.test", Ok(vec![ip("192.0.2.1"), ip("192.0.2.2")]));
+        t.record("a.test", Ok(vec![ip("192.0.2.2")]));
+        // Shared: the first in name order.
+        assert_eq!(t.host_of(ip("192.0.2.2")).as_deref(), Some("a.test"));
+        assert_eq!(t.host_of(ip("192.0.2.1")).as_deref(), Some("b.test"));
+        t.record("b.test", Ok(vec![ip("192.0.2.3")]));
+        assert_eq!(t.host_of(ip("192.0.2.1")), None);
+        assert_eq!(t.host_of(ip("192.0.2.3")).as_deref(), Some("b.test"));
+        t.set_hosts(&["b.test".into()]);
+        assert_eq!(t.host_of(ip("192.0.2.2")), None);
+        assert_eq!(t.all_addresses(), [ip("192.0.2.3")].into());
+        // An error keeps the last good addresses.
+        t.record("b.test", Err("timeout".into()));
+        assert_eq!(t.host_of(ip("192.0.2.3")).as_deref(), Some("b.test"));
     }
 
     #[test]
