@@ -310,6 +310,11 @@ mod tests {
             "{notPrincipals: [cluster.local/ns/a/sa/x]}",
             "{notNamespaces: [b]}",
             "{principals: []}",
+            // Edge values: a `*` inside is literal, the empty string, a
+            // value named twice.
+            "{principals: ['cluster.local/ns/a/*/x']}",
+            "{principals: ['']}",
+            "{principals: [cluster.local/ns/b/sa/y, cluster.local/ns/b/sa/y]}",
         ];
         let tos = [
             "",
@@ -338,13 +343,17 @@ mod tests {
                 }
             }
         }
-        yaml.push_str("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: open, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n");
+        yaml.push_str("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: open, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n---\n");
+        // Matches nothing, yet is an ALLOW.
+        yaml.push_str("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: no-rules, namespace: istio-system}\nspec:\n  action: ALLOW\n  rules: []\n");
         let all = policies(&yaml);
         let peers = [
             (Some("cluster.local/ns/a/sa/x"), Some("a")),
             (Some("cluster.local/ns/b/sa/y"), Some("b")),
             (Some("cluster.local/ns/c/sa/y"), Some("c")),
             (Some("cluster.local/ns/a/sa/x"), Some("b")),
+            (Some("cluster.local/ns/a/*/x"), Some("a")),
+            (Some(""), Some("")),
             (None, None),
         ];
         let requests = [

@@ -115,16 +115,30 @@ impl PolicyIndex {
         let filed = |map: &'s HashMap<String, Vec<u32>>, key: Option<&str>| -> &'s [u32] {
             key.and_then(|k| map.get(k)).map_or(&[], Vec::as_slice)
         };
-        let by_principal = filed(&self.by_principal, a.principal);
-        let by_namespace = filed(&self.by_namespace, a.namespace);
-        let mut ids: Vec<u32> =
-            Vec::with_capacity(self.any_peer.len() + by_principal.len() + by_namespace.len());
-        ids.extend_from_slice(&self.any_peer);
-        ids.extend_from_slice(by_principal);
-        ids.extend_from_slice(by_namespace);
-        ids.sort_unstable();
-        ids.dedup();
-        ids.into_iter().map(|i| &self.policies[i as usize])
+        let lists = [
+            self.any_peer.as_slice(),
+            filed(&self.by_principal, a.principal),
+            filed(&self.by_namespace, a.namespace),
+        ];
+        MergedIds(lists).map(|i| &self.policies[i as usize])
+    }
+}
+
+/// The union of ascending id lists, ascending and without repeats; no
+/// allocation per request.
+struct MergedIds<'a>([&'a [u32]; 3]);
+
+impl Iterator for MergedIds<'_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        let lowest = self.0.iter().filter_map(|l| l.first()).min().copied()?;
+        for list in &mut self.0 {
+            if list.first() == Some(&lowest) {
+                *list = &list[1..];
+            }
+        }
+        Some(lowest)
     }
 }
 
@@ -206,6 +220,15 @@ mod tests {
         assert_eq!(names(&ix, None, None), with(&[]));
         // Principals are case-sensitive, as Istio's matching is.
         assert_eq!(names(&ix, Some("cluster.local/ns/A/sa/x"), None), with(&[]));
+    }
+
+    #[test]
+    fn merged_ids_are_the_sorted_union() {
+        let merged: Vec<u32> = MergedIds([&[0, 4, 9], &[1, 4, 5, 12], &[]]).collect();
+        assert_eq!(merged, [0, 1, 4, 5, 9, 12]);
+        assert_eq!(MergedIds([&[], &[], &[]]).next(), None);
+        let merged: Vec<u32> = MergedIds([&[3], &[3], &[3]]).collect();
+        assert_eq!(merged, [3]);
     }
 
     #[test]
