@@ -242,57 +242,140 @@ impl Targets {
         on_change: impl Fn(&Targets),
     ) {
         let resolver = &resolver;
-        let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut plan = Schedule::default();
         let mut in_flight = FuturesUnordered::new();
-        let mut resolving: HashSet<String> = HashSet::new();
-        let (mut dirty, mut last_sync) = (false, Instant::now());
+        let (mut reconcile, mut dirty, mut last_sync) = (true, false, Instant::now());
         loop {
-            let names = self.names();
-            if due.len() != names.len() || names.iter().any(|n| !due.contains_key(n)) {
-                dirty = true;
+            if reconcile {
+                dirty |= plan.reconcile(self.names(), Instant::now());
+                reconcile = false;
             }
-            due.retain(|n, _| names.contains(n));
-            for n in names {
-                due.entry(n).or_insert_with(Instant::now);
-            }
-            let now = Instant::now();
-            for (host, at) in &due {
-                if in_flight.len() >= CONCURRENT_LOOKUPS {
+            while in_flight.len() < CONCURRENT_LOOKUPS {
+                let Some(host) = plan.next_due(Instant::now()) else {
                     break;
-                }
-                if *at <= now && resolving.insert(host.clone()) {
-                    let host = host.clone();
-                    in_flight.push(async move {
-                        let answer = resolve(resolver, &host).await;
-                        (host, answer)
-                    });
-                }
+                };
+                in_flight.push(async move {
+                    let answer = resolve(resolver, &host).await;
+                    (host, answer)
+                });
             }
             if dirty && (in_flight.is_empty() || last_sync.elapsed() >= SYNC_EVERY) {
                 on_change(&self);
                 (dirty, last_sync) = (false, Instant::now());
             }
-            let next_due = due
-                .iter()
-                .filter(|(h, _)| !resolving.contains(*h))
-                .map(|(_, at)| *at)
-                .min()
+            let next_due = plan
+                .first_due()
                 .unwrap_or_else(|| Instant::now() + timing.max_refresh);
             tokio::select! {
                 Some((host, (result, valid_for))) = in_flight.next(), if !in_flight.is_empty() => {
-                    resolving.remove(&host);
-                    if let Some(at) = due.get_mut(&host) {
-                        *at = Instant::now() + next_refresh(&timing, if result.is_ok() { valid_for } else { None });
-                    }
+                    plan.done(&host, result.is_ok(), valid_for, &timing, Instant::now());
                     self.record(&host, result);
                     dirty = true;
                 }
                 _ = tokio::time::sleep_until(next_due.into()), if in_flight.len() < CONCURRENT_LOOKUPS => {}
                 _ = tokio::time::sleep_until((last_sync + SYNC_EVERY).into()), if dirty => {}
-                _ = self.changed.notified() => {}
+                _ = self.changed.notified() => reconcile = true,
             }
         }
     }
+}
+
+/// When each host is looked up next: every operation is a map update, so
+/// that 10,000 hosts cost no more per lookup than ten.
+#[derive(Default)]
+struct Schedule {
+    /// Every host in the list, with its failures in a row (for backoff).
+    hosts: HashMap<String, u32>,
+    /// Hosts waiting for their next lookup, by when it is due.
+    waiting: BTreeSet<(Instant, String)>,
+    due_at: HashMap<String, Instant>,
+    /// Hosts with a lookup in flight.
+    resolving: HashSet<String>,
+}
+
+impl Schedule {
+    /// Takes the current host list: new hosts are due now, removed ones
+    /// leave. Returns whether the list changed.
+    fn reconcile(&mut self, names: Vec<String>, now: Instant) -> bool {
+        let names: HashSet<String> = names.into_iter().collect();
+        let removed: Vec<String> = self
+            .hosts
+            .keys()
+            .filter(|h| !names.contains(*h))
+            .cloned()
+            .collect();
+        let mut changed = !removed.is_empty();
+        for h in removed {
+            self.hosts.remove(&h);
+            if let Some(at) = self.due_at.remove(&h) {
+                self.waiting.remove(&(at, h));
+            }
+        }
+        for h in names {
+            if !self.hosts.contains_key(&h) {
+                changed = true;
+                self.hosts.insert(h.clone(), 0);
+                if !self.resolving.contains(&h) {
+                    self.wait(h, now);
+                }
+            }
+        }
+        changed
+    }
+
+    fn wait(&mut self, host: String, at: Instant) {
+        self.due_at.insert(host.clone(), at);
+        self.waiting.insert((at, host));
+    }
+
+    /// The next host due by `now`, marked in flight.
+    fn next_due(&mut self, now: Instant) -> Option<String> {
+        if self.waiting.first().is_none_or(|(at, _)| *at > now) {
+            return None;
+        }
+        let (_, host) = self.waiting.pop_first()?;
+        self.due_at.remove(&host);
+        self.resolving.insert(host.clone());
+        Some(host)
+    }
+
+    fn first_due(&self) -> Option<Instant> {
+        self.waiting.first().map(|(at, _)| *at)
+    }
+
+    /// A lookup finished: the host waits for its TTL, or, after failures,
+    /// the retry interval doubled per failure in a row (a name that never
+    /// resolves is not asked for every 2 s forever).
+    fn done(
+        &mut self,
+        host: &str,
+        ok: bool,
+        valid_for: Option<Duration>,
+        timing: &ResolveTiming,
+        now: Instant,
+    ) {
+        self.resolving.remove(host);
+        let Some(failures) = self.hosts.get_mut(host) else {
+            return;
+        };
+        *failures = if ok { 0 } else { failures.saturating_add(1) };
+        let wait = if ok {
+            next_refresh(timing, valid_for)
+        } else {
+            retry_after(timing, *failures)
+        };
+        self.wait(host.to_string(), now + wait);
+    }
+}
+
+/// The wait after `failures` failed lookups in a row: the retry interval,
+/// doubled per failure after the first, at most the longest refresh.
+pub fn retry_after(timing: &ResolveTiming, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    timing
+        .retry
+        .saturating_mul(1 << doublings)
+        .min(timing.max_refresh.max(timing.retry))
 }
 
 fn build_resolver() -> TokioResolver {
@@ -357,6 +440,50 @@ mod tests {
         assert_eq!(next_refresh(&t, Some(Duration::from_secs(0))), t.min_refresh);
         assert_eq!(next_refresh(&t, Some(Duration::from_secs(86400))), t.max_refresh);
         assert_eq!(next_refresh(&t, None), t.retry);
+    }
+
+    #[test]
+    fn failed_lookups_back_off_to_the_longest_refresh() {
+        let t = ResolveTiming::default();
+        assert_eq!(retry_after(&t, 1), t.retry);
+        assert_eq!(retry_after(&t, 2), t.retry * 2);
+        assert_eq!(retry_after(&t, 3), t.retry * 4);
+        assert_eq!(retry_after(&t, 40), t.max_refresh);
+    }
+
+    #[test]
+    fn the_schedule_runs_each_host_once_at_a_time_and_follows_the_list() {
+        let t = ResolveTiming::default();
+        let now = Instant::now();
+        let mut plan = Schedule::default();
+        assert!(plan.reconcile(vec!["a".into(), "b".into()], now));
+        assert!(!plan.reconcile(vec!["b".into(), "a".into()], now));
+        let mut started = vec![plan.next_due(now).unwrap(), plan.next_due(now).unwrap()];
+        started.sort();
+        assert_eq!(started, ["a", "b"]);
+        // In flight: not started twice, even when removed and added back.
+        assert_eq!(plan.next_due(now), None);
+        assert!(plan.reconcile(vec!["b".into()], now));
+        assert!(plan.reconcile(vec!["a".into(), "b".into()], now));
+        assert_eq!(plan.next_due(now), None);
+        // A failure waits the retry interval, a success its TTL.
+        plan.done("a", false, None, &t, now);
+        plan.done("b", true, Some(Duration::from_secs(60)), &t, now);
+        assert_eq!(plan.first_due(), Some(now + t.retry));
+        assert_eq!(plan.next_due(now + t.retry).as_deref(), Some("a"));
+        plan.done("a", false, None, &t, now + t.retry);
+        assert_eq!(plan.first_due(), Some(now + t.retry + t.retry * 2));
+        // A removed host is not looked up again, even if its lookup was
+        // in flight.
+        let later = now + Duration::from_secs(60);
+        assert_eq!(plan.next_due(later).as_deref(), Some("a"));
+        assert_eq!(plan.next_due(later).as_deref(), Some("b"));
+        assert!(plan.reconcile(vec!["a".into()], later));
+        plan.done("b", true, Some(Duration::from_secs(60)), &t, later);
+        plan.done("a", true, Some(Duration::from_secs(60)), &t, later);
+        let much_later = now + Duration::from_secs(3600);
+        assert_eq!(plan.next_due(much_later).as_deref(), Some("a"));
+        assert_eq!(plan.next_due(much_later), None);
     }
 
     #[test]
