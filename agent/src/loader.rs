@@ -108,6 +108,21 @@ impl std::fmt::Debug for Capture {
     }
 }
 
+/// What to remove from and add to a map holding `have` so that it holds
+/// `want` (sets: order and repeats do not matter).
+fn sync_plan<K: Copy + Eq + std::hash::Hash>(have: &[K], want: &[K]) -> (Vec<K>, Vec<K>) {
+    let have_set: std::collections::HashSet<K> = have.iter().copied().collect();
+    let want_set: std::collections::HashSet<K> = want.iter().copied().collect();
+    let remove = have.iter().copied().filter(|k| !want_set.contains(k)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let add = want
+        .iter()
+        .copied()
+        .filter(|k| !have_set.contains(k) && seen.insert(*k))
+        .collect();
+    (remove, add)
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoaderError {
     move |source| LoaderError::Map { name, source }
 }
@@ -259,21 +274,26 @@ impl Capture {
         Some(orig)
     }
 
-    /// Makes TARGETS equal `want`.
+    /// Makes TARGETS equal `want`: stale entries go first, so that a full
+    /// map still loses what no host resolves to any more; every entry that
+    /// fits is written even when some do not (the first failure is
+    /// returned).
     pub fn sync_targets(&self, want: &[SockKey]) -> Result<(), LoaderError> {
         let mut maps = self.maps();
         let have: Vec<SockKey> = maps.targets.keys().filter_map(Result::ok).collect();
-        for key in want {
-            if !have.contains(key) {
-                maps.targets
-                    .insert(key, TARGET_PRESENT, 0)
-                    .map_err(map_err(MAP_TARGETS))?;
+        let (remove, add) = sync_plan(&have, want);
+        let mut first_error = None;
+        for key in remove {
+            if let Err(e) = maps.targets.remove(&key) {
+                first_error.get_or_insert(map_err(MAP_TARGETS)(e));
             }
         }
-        for key in have.iter().filter(|k| !want.contains(k)) {
-            maps.targets.remove(key).map_err(map_err(MAP_TARGETS))?;
+        for key in add {
+            if let Err(e) = maps.targets.insert(key, TARGET_PRESENT, 0) {
+                first_error.get_or_insert(map_err(MAP_TARGETS)(e));
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Makes ENROLLED equal `want`.
@@ -362,4 +382,18 @@ pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, LoaderError> {
     let maps = remove_all("maps", &MAPS)?;
     let _ = fs::remove_dir(pin_dir);
     Ok(Uninstalled { links, maps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_removes_what_is_not_wanted_and_adds_each_missing_key_once() {
+        let (remove, add) = sync_plan(&[1, 2, 3], &[3, 4, 4, 5, 3]);
+        assert_eq!(remove, [1, 2]);
+        assert_eq!(add, [4, 5]);
+        let (remove, add) = sync_plan::<u32>(&[], &[]);
+        assert!(remove.is_empty() && add.is_empty());
+    }
 }

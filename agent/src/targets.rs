@@ -172,10 +172,11 @@ impl Targets {
         self.read().by_address.keys().copied().collect()
     }
 
-    fn record(&self, host: &str, result: Result<Vec<IpAddr>, String>) {
+    /// Records a lookup's result; true when the host's addresses changed.
+    fn record(&self, host: &str, result: Result<Vec<IpAddr>, String>) -> bool {
         let mut known = self.write();
         let Some(status) = known.hosts.get_mut(host) else {
-            return;
+            return false;
         };
         status.attempts += 1;
         let mut moved = None;
@@ -203,12 +204,14 @@ impl Targets {
                 status.error = Some(e);
             }
         }
-        if let Some((old, new)) = moved {
-            known.forget_addresses(host, &old);
-            for ip in new {
-                known.by_address.entry(ip).or_default().insert(host.to_string());
-            }
+        let Some((old, new)) = moved else {
+            return false;
+        };
+        known.forget_addresses(host, &old);
+        for ip in new {
+            known.by_address.entry(ip).or_default().insert(host.to_string());
         }
+        true
     }
 
     /// Writes the union of all hosts' addresses to TARGETS.
@@ -269,8 +272,8 @@ impl Targets {
             tokio::select! {
                 Some((host, (result, valid_for))) = in_flight.next(), if !in_flight.is_empty() => {
                     plan.done(&host, result.is_ok(), valid_for, &timing, Instant::now());
-                    self.record(&host, result);
-                    dirty = true;
+                    // TARGETS is rewritten only when an address changed.
+                    dirty |= self.record(&host, result);
                 }
                 _ = tokio::time::sleep_until(next_due.into()), if in_flight.len() < CONCURRENT_LOOKUPS => {}
                 _ = tokio::time::sleep_until((last_sync + SYNC_EVERY).into()), if dirty => {}
@@ -286,12 +289,21 @@ impl Targets {
 struct Schedule {
     /// Every host in the list, with its failures in a row (for backoff).
     hosts: HashMap<String, u32>,
-    /// Hosts waiting for their next lookup, by when it is due.
+    /// Hosts waiting for their next lookup, by when it is due: those whose
+    /// last lookup succeeded (or that were never looked up), and those
+    /// whose last lookup failed.
     waiting: BTreeSet<(Instant, String)>,
-    due_at: HashMap<String, Instant>,
-    /// Hosts with a lookup in flight.
-    resolving: HashSet<String>,
+    waiting_failing: BTreeSet<(Instant, String)>,
+    due_at: HashMap<String, (Instant, bool)>,
+    /// Hosts with a lookup in flight, and whether they were failing.
+    resolving: HashMap<String, bool>,
+    failing_in_flight: usize,
 }
+
+/// Lookups of failing hosts in flight at once: names that never answer
+/// (a tenant's typos, a dead zone) hold at most these slots for the
+/// resolver's timeout, and new and healthy hosts keep the rest.
+const FAILING_LOOKUPS: usize = CONCURRENT_LOOKUPS / 2;
 
 impl Schedule {
     /// Takes the current host list: new hosts are due now, removed ones
@@ -307,40 +319,65 @@ impl Schedule {
         let mut changed = !removed.is_empty();
         for h in removed {
             self.hosts.remove(&h);
-            if let Some(at) = self.due_at.remove(&h) {
-                self.waiting.remove(&(at, h));
+            if let Some((at, failing)) = self.due_at.remove(&h) {
+                self.queue(failing).remove(&(at, h));
             }
         }
         for h in names {
             if !self.hosts.contains_key(&h) {
                 changed = true;
                 self.hosts.insert(h.clone(), 0);
-                if !self.resolving.contains(&h) {
-                    self.wait(h, now);
+                if !self.resolving.contains_key(&h) {
+                    self.wait(h, now, false);
                 }
             }
         }
         changed
     }
 
-    fn wait(&mut self, host: String, at: Instant) {
-        self.due_at.insert(host.clone(), at);
-        self.waiting.insert((at, host));
+    fn queue(&mut self, failing: bool) -> &mut BTreeSet<(Instant, String)> {
+        if failing {
+            &mut self.waiting_failing
+        } else {
+            &mut self.waiting
+        }
     }
 
-    /// The next host due by `now`, marked in flight.
+    fn wait(&mut self, host: String, at: Instant, failing: bool) {
+        self.due_at.insert(host.clone(), (at, failing));
+        self.queue(failing).insert((at, host));
+    }
+
+    /// The failing hosts' queue, when one of their slots is free.
+    fn failing_open(&self) -> Option<&BTreeSet<(Instant, String)>> {
+        (self.failing_in_flight < FAILING_LOOKUPS).then_some(&self.waiting_failing)
+    }
+
+    /// The next host due by `now`, marked in flight: healthy and new hosts
+    /// first.
     fn next_due(&mut self, now: Instant) -> Option<String> {
-        if self.waiting.first().is_none_or(|(at, _)| *at > now) {
+        let due = |q: &BTreeSet<(Instant, String)>| q.first().is_some_and(|(at, _)| *at <= now);
+        let failing = if due(&self.waiting) {
+            false
+        } else if self.failing_open().is_some_and(due) {
+            true
+        } else {
             return None;
-        }
-        let (_, host) = self.waiting.pop_first()?;
+        };
+        let (_, host) = self.queue(failing).pop_first()?;
         self.due_at.remove(&host);
-        self.resolving.insert(host.clone());
+        self.resolving.insert(host.clone(), failing);
+        self.failing_in_flight += usize::from(failing);
         Some(host)
     }
 
+    /// When the next host can start.
     fn first_due(&self) -> Option<Instant> {
-        self.waiting.first().map(|(at, _)| *at)
+        let first = |q: &BTreeSet<(Instant, String)>| q.first().map(|(at, _)| *at);
+        [first(&self.waiting), self.failing_open().and_then(first)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A lookup finished: the host waits for its TTL, or, after failures,
@@ -354,17 +391,19 @@ impl Schedule {
         timing: &ResolveTiming,
         now: Instant,
     ) {
-        self.resolving.remove(host);
+        if self.resolving.remove(host) == Some(true) {
+            self.failing_in_flight -= 1;
+        }
         let Some(failures) = self.hosts.get_mut(host) else {
             return;
         };
         *failures = if ok { 0 } else { failures.saturating_add(1) };
-        let wait = if ok {
-            next_refresh(timing, valid_for)
+        let (wait, failing) = if ok {
+            (next_refresh(timing, valid_for), false)
         } else {
-            retry_after(timing, *failures)
+            (retry_after(timing, *failures), true)
         };
-        self.wait(host.to_string(), now + wait);
+        self.wait(host.to_string(), now + wait, failing);
     }
 }
 
@@ -476,14 +515,48 @@ mod tests {
         // A removed host is not looked up again, even if its lookup was
         // in flight.
         let later = now + Duration::from_secs(60);
-        assert_eq!(plan.next_due(later).as_deref(), Some("a"));
+        // Both due: the healthy host first.
         assert_eq!(plan.next_due(later).as_deref(), Some("b"));
+        assert_eq!(plan.next_due(later).as_deref(), Some("a"));
         assert!(plan.reconcile(vec!["a".into()], later));
         plan.done("b", true, Some(Duration::from_secs(60)), &t, later);
         plan.done("a", true, Some(Duration::from_secs(60)), &t, later);
         let much_later = now + Duration::from_secs(3600);
         assert_eq!(plan.next_due(much_later).as_deref(), Some("a"));
         assert_eq!(plan.next_due(much_later), None);
+    }
+
+    /// Names that never answer cannot take every lookup slot: a new host
+    /// starts at once however many failing hosts are due.
+    #[test]
+    fn failing_hosts_hold_at_most_their_share_of_lookups() {
+        let t = ResolveTiming::default();
+        let now = Instant::now();
+        let mut plan = Schedule::default();
+        let bad: Vec<String> = (0..3 * FAILING_LOOKUPS).map(|i| format!("bad-{i}")).collect();
+        plan.reconcile(bad.clone(), now);
+        while let Some(h) = plan.next_due(now) {
+            plan.done(&h, false, None, &t, now);
+        }
+        // All due again; a new host arrives.
+        let later = now + t.retry;
+        let mut names = bad.clone();
+        names.push("new".into());
+        plan.reconcile(names, later);
+        assert_eq!(plan.next_due(later).as_deref(), Some("new"));
+        let mut failing_started = 0;
+        while plan.next_due(later).is_some() {
+            failing_started += 1;
+        }
+        assert_eq!(failing_started, FAILING_LOOKUPS);
+        // Nothing can start until a failing lookup ends, so the loop does
+        // not wake for the overdue ones.
+        assert_eq!(plan.first_due(), None);
+        plan.done("bad-0", false, None, &t, later);
+        assert!(plan.next_due(later).is_some());
+        // A success makes a host healthy again.
+        plan.done("new", true, Some(Duration::from_secs(60)), &t, later);
+        assert_eq!(plan.due_at.get("new").map(|(_, failing)| *failing), Some(false));
     }
 
     #[test]
@@ -626,8 +699,10 @@ mod tests {
     fn host_of_follows_changes_and_removals() {
         let t = Targets::new(&["b.test".into(), "a.test".into()], vec![80]);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        t.record("b.test", Ok(vec![ip("192.0.2.1"), ip("192.0.2.2")]));
-        t.record("a.test", Ok(vec![ip("192.0.2.2")]));
+        assert!(t.record("b.test", Ok(vec![ip("192.0.2.1"), ip("192.0.2.2")])));
+        assert!(t.record("a.test", Ok(vec![ip("192.0.2.2")])));
+        // The same answer again (in another order) changes nothing to write.
+        assert!(!t.record("b.test", Ok(vec![ip("192.0.2.2"), ip("192.0.2.1")])));
         // Shared: the first in name order.
         assert_eq!(t.host_of(ip("192.0.2.2")).as_deref(), Some("a.test"));
         assert_eq!(t.host_of(ip("192.0.2.1")).as_deref(), Some("b.test"));
@@ -637,8 +712,8 @@ mod tests {
         t.set_hosts(&["b.test".into()]);
         assert_eq!(t.host_of(ip("192.0.2.2")), None);
         assert_eq!(t.all_addresses(), [ip("192.0.2.3")].into());
-        // An error keeps the last good addresses.
-        t.record("b.test", Err("timeout".into()));
+        // An error keeps the last good addresses, and changes nothing.
+        assert!(!t.record("b.test", Err("timeout".into())));
         assert_eq!(t.host_of(ip("192.0.2.3")).as_deref(), Some("b.test"));
     }
 
