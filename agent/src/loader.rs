@@ -108,6 +108,31 @@ impl std::fmt::Debug for Capture {
     }
 }
 
+/// Makes a map used as a set hold exactly `want`. Stale keys go first, so
+/// that a full map still loses what is no longer wanted; every key that
+/// fits is written even when some do not (the first failure is returned).
+fn sync_set<K: aya::Pod + Copy + Eq + std::hash::Hash>(
+    map: &mut HashMap<MapData, K, u8>,
+    want: &[K],
+    present: u8,
+    name: &'static str,
+) -> Result<(), LoaderError> {
+    let have: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    let (remove, add) = sync_plan(&have, want);
+    let mut first_error = None;
+    for key in remove {
+        if let Err(e) = map.remove(&key) {
+            first_error.get_or_insert(map_err(name)(e));
+        }
+    }
+    for key in add {
+        if let Err(e) = map.insert(key, present, 0) {
+            first_error.get_or_insert(map_err(name)(e));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// What to remove from and add to a map holding `have` so that it holds
 /// `want` (sets: order and repeats do not matter).
 fn sync_plan<K: Copy + Eq + std::hash::Hash>(have: &[K], want: &[K]) -> (Vec<K>, Vec<K>) {
@@ -274,43 +299,14 @@ impl Capture {
         Some(orig)
     }
 
-    /// Makes TARGETS equal `want`: stale entries go first, so that a full
-    /// map still loses what no host resolves to any more; every entry that
-    /// fits is written even when some do not (the first failure is
-    /// returned).
+    /// Makes TARGETS equal `want`.
     pub fn sync_targets(&self, want: &[SockKey]) -> Result<(), LoaderError> {
-        let mut maps = self.maps();
-        let have: Vec<SockKey> = maps.targets.keys().filter_map(Result::ok).collect();
-        let (remove, add) = sync_plan(&have, want);
-        let mut first_error = None;
-        for key in remove {
-            if let Err(e) = maps.targets.remove(&key) {
-                first_error.get_or_insert(map_err(MAP_TARGETS)(e));
-            }
-        }
-        for key in add {
-            if let Err(e) = maps.targets.insert(key, TARGET_PRESENT, 0) {
-                first_error.get_or_insert(map_err(MAP_TARGETS)(e));
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        sync_set(&mut self.maps().targets, want, TARGET_PRESENT, MAP_TARGETS)
     }
 
     /// Makes ENROLLED equal `want`.
     pub fn sync_enrolled(&self, want: &[u64]) -> Result<(), LoaderError> {
-        let mut maps = self.maps();
-        let have: Vec<u64> = maps.enrolled.keys().filter_map(Result::ok).collect();
-        for id in want {
-            if !have.contains(id) {
-                maps.enrolled
-                    .insert(id, ENROLLED_PRESENT, 0)
-                    .map_err(map_err(MAP_ENROLLED))?;
-            }
-        }
-        for id in have.iter().filter(|id| !want.contains(id)) {
-            maps.enrolled.remove(id).map_err(map_err(MAP_ENROLLED))?;
-        }
-        Ok(())
+        sync_set(&mut self.maps().enrolled, want, ENROLLED_PRESENT, MAP_ENROLLED)
     }
 
     /// Sums of the per-CPU counters, in `COUNTER_NAMES` order.
