@@ -572,6 +572,23 @@ mod tests {
     /// Routes arrive after the agent starts (watched from the API): a host
     /// added then is resolved at once, not at the next periodic refresh,
     /// and a removed one leaves the capture set right away.
+    /// Waits until `on_change` reports an address set that `wanted`
+    /// accepts, for at most `within`.
+    async fn until_reported(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<BTreeSet<IpAddr>>,
+        within: Duration,
+        what: &str,
+        wanted: impl Fn(&BTreeSet<IpAddr>) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let seen = tokio::time::timeout_at(deadline, rx.recv()).await.expect(what);
+            if seen.as_ref().is_some_and(&wanted) {
+                return;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn hosts_added_or_removed_later_are_picked_up_at_once() {
         let t = Arc::new(Targets::new(&[], vec![80]));
@@ -583,23 +600,9 @@ mod tests {
         let within = Duration::from_secs(5);
         t.set_hosts(&["192.0.2.7".into()]);
         let expected: BTreeSet<IpAddr> = ["192.0.2.7".parse().unwrap()].into();
-        loop {
-            let seen = tokio::time::timeout(within, rx.recv())
-                .await
-                .expect("a change within 5 s");
-            if seen.as_ref() == Some(&expected) {
-                break;
-            }
-        }
+        until_reported(&mut rx, within, "a change within 5 s", |seen| *seen == expected).await;
         t.set_hosts(&[]);
-        loop {
-            let seen = tokio::time::timeout(within, rx.recv())
-                .await
-                .expect("a change within 5 s");
-            if seen.as_ref().is_some_and(BTreeSet::is_empty) {
-                break;
-            }
-        }
+        until_reported(&mut rx, within, "a change within 5 s", BTreeSet::is_empty).await;
     }
 
     /// A name server on loopback that answers `fast-*` names with an
@@ -680,15 +683,13 @@ mod tests {
                 }),
         );
         let expected: BTreeSet<IpAddr> = ["192.0.2.9".parse().unwrap()].into();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let seen = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .expect("the fast host captured while the slow lookups hang");
-            if seen.as_ref() == Some(&expected) {
-                break;
-            }
-        }
+        until_reported(
+            &mut rx,
+            Duration::from_secs(10),
+            "the fast host captured while the slow lookups hang",
+            |seen| *seen == expected,
+        )
+        .await;
         assert_eq!(
             t.host_of("192.0.2.9".parse().unwrap()).as_deref(),
             Some("fast-llm.test")

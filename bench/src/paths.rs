@@ -252,8 +252,8 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
                 opts.rate
             };
             put("rate", rate as f64);
-            let cpu0 = cpu_ticks(p);
-            let switches0 = context_switches(p);
+            let cpu0 = sum_over(p, procstat::cpu_ticks);
+            let switches0 = sum_over(p, procstat::context_switches);
             let mut a = vec![
                 "rate".into(),
                 "--rate".into(),
@@ -263,8 +263,8 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
             ];
             a.extend(target_args(p, &p.body));
             let v = b.loadgen(&p.cgroup, &a, Duration::from_secs_f64(opts.seconds + 60.0))?;
-            let cpu1 = cpu_ticks(p);
-            let switches1 = context_switches(p);
+            let cpu1 = sum_over(p, procstat::cpu_ticks);
+            let switches1 = sum_over(p, procstat::context_switches);
             // The processes' CPU covers the warm-up too: per request sent.
             let requests = v["sent"].as_f64().unwrap_or(0.0);
             for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
@@ -283,13 +283,13 @@ pub fn measure(b: &mut Bench, envoy: &Path) -> anyhow::Result<(Value, Value)> {
                 let perf = (opts.profile && round == 0 && c == 16 && p.name == "llm-egress")
                     .then(|| start_perf(&p.procs, sat_seconds, &opts.out))
                     .flatten();
-                let cpu0 = cpu_ticks(p);
+                let cpu0 = sum_over(p, procstat::cpu_ticks);
                 let v = b.loadgen(
                     &p.cgroup,
                     &saturate_args(p, c, sat_seconds),
                     Duration::from_secs(60),
                 )?;
-                let cpu1 = cpu_ticks(p);
+                let cpu1 = sum_over(p, procstat::cpu_ticks);
                 if let Some(child) = perf {
                     finish_perf(child, &opts.out)?;
                 }
@@ -364,17 +364,9 @@ fn saturate_args(p: &PathSpec, connections: usize, seconds: f64) -> Vec<String> 
     a
 }
 
-/// CPU ticks used so far by a path's proxy processes.
-fn cpu_ticks(p: &PathSpec) -> u64 {
-    p.procs.iter().map(|(_, pid)| procstat::cpu_ticks(*pid)).sum()
-}
-
-/// Context switches so far of a path's proxy processes.
-fn context_switches(p: &PathSpec) -> u64 {
-    p.procs
-        .iter()
-        .map(|(_, pid)| procstat::context_switches(*pid))
-        .sum()
+/// A per-process counter summed over a path's proxy processes.
+fn sum_over(p: &PathSpec, counter: fn(u32) -> u64) -> u64 {
+    p.procs.iter().map(|(_, pid)| counter(*pid)).sum()
 }
 
 fn cpu_s_per_1k(ticks: u64, requests: f64) -> f64 {

@@ -2,16 +2,21 @@
 
 use serde_json::{json, Value};
 
-fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
+/// A number from a `status` file's `Name:  value` line (0 if absent).
+fn status_field(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    status_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        field,
+    )
 }
 
 /// Peak resident set size (VmHWM) in KiB.
@@ -45,13 +50,8 @@ pub fn context_switches(pid: u32) -> u64 {
     let mut total = 0;
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .filter(|l| {
-                l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:")
-            })
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<u64>();
+        total += status_field(&status, "voluntary_ctxt_switches:")
+            + status_field(&status, "nonvoluntary_ctxt_switches:");
     }
     total
 }
