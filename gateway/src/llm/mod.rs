@@ -3,5 +3,6 @@
 //! and token usage read from responses as they stream.
 
 pub mod endpoint;
+pub mod json;
 pub mod provider;
 pub mod usage;

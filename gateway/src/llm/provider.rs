@@ -11,7 +11,10 @@ use hyper::{
 
 use crate::{
     config::Provider,
-    llm::endpoint::{Endpoint, Operation},
+    llm::{
+        endpoint::{Endpoint, Operation},
+        json,
+    },
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,7 +74,113 @@ pub struct Adapted {
 /// `limit` (field, tokens) is set when the request has no completion limit
 /// and a token budget reserved one: the provider then never generates more.
 pub fn adapt_body(
-    body: &[u8],
+    body: &Bytes,
+    p: &Provider,
+    endpoint: &Endpoint,
+    limit: Option<(&str, u64)>,
+) -> Result<Adapted, AdaptError> {
+    match adapt_in_place(body, p, endpoint, limit) {
+        Some(adapted) => Ok(adapted),
+        None => adapt_value(body, p, endpoint, limit),
+    }
+}
+
+/// `adapt_value` without building the body as a `Value`: only the fields
+/// it reads are built, the fields to add go in after the opening brace,
+/// and the client's bytes follow unchanged. `None` where that cannot give the same answer as `adapt_value`, which
+/// then decides: a body that does not parse (its error is reported from
+/// there), a field the adapter reads that comes twice, a budget limit the
+/// body already has, or `stream_options` that exist but lack
+/// `include_usage`. Fields are only ever added when absent, so the result
+/// never holds a key twice.
+fn adapt_in_place(
+    body: &Bytes,
+    p: &Provider,
+    endpoint: &Endpoint,
+    limit: Option<(&str, u64)>,
+) -> Option<Adapted> {
+    // The fields read here, and the budget's limit field (added if absent).
+    let names = [
+        Some("model"),
+        Some("stream"),
+        Some("stream_options"),
+        limit.map(|(field, _)| field),
+    ];
+    let top = json::top_level(body, names).ok()?;
+    if top.repeated {
+        return None;
+    }
+    let [model, stream, stream_options, limit_given] = &top.values;
+    let mut added = Vec::new();
+    if let Some((field, tokens)) = limit {
+        if limit_given.is_some() {
+            return None;
+        }
+        added.push((serde_json::to_string(field).ok()?, tokens.to_string()));
+    }
+    let chat = endpoint.operation == Operation::Chat;
+    let model = match (model, &p.model) {
+        (Some(m), _) => m.as_str().map(str::to_string),
+        (None, Some(m)) if chat => {
+            added.push(("\"model\"".into(), serde_json::to_string(m).ok()?));
+            Some(m.clone())
+        }
+        (None, _) => None,
+    };
+    let stream = match (stream, p.stream) {
+        (Some(s), _) => s.as_bool().unwrap_or(false),
+        (None, Some(s)) if chat => {
+            added.push(("\"stream\"".into(), s.to_string()));
+            s
+        }
+        (None, _) => false,
+    };
+    let mut hide_usage_chunk = false;
+    if endpoint.streams_usage && stream {
+        match stream_options {
+            None => {
+                added.push(("\"stream_options\"".into(), r#"{"include_usage":true}"#.into()));
+                hide_usage_chunk = true;
+            }
+            Some(options) => {
+                if options.get("include_usage").and_then(|u| u.as_bool()) != Some(true) {
+                    return None;
+                }
+            }
+        }
+    }
+    let body = if added.is_empty() {
+        body.clone()
+    } else {
+        // The parse accepted an object: its first non-blank byte is `{`.
+        let open = body.iter().position(|&b| b == b'{')? + 1;
+        let mut out = Vec::with_capacity(body.len() + 64);
+        out.extend_from_slice(&body[..open]);
+        for (i, (key, value)) in added.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(key.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(value.as_bytes());
+        }
+        if top.keys > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[open..]);
+        Bytes::from(out)
+    };
+    Some(Adapted {
+        body,
+        model,
+        stream,
+        hide_usage_chunk,
+    })
+}
+
+/// The same adaptation over a parsed `Value`: every case.
+fn adapt_value(
+    body: &Bytes,
     p: &Provider,
     endpoint: &Endpoint,
     limit: Option<(&str, u64)>,
@@ -124,7 +233,7 @@ pub fn adapt_body(
     let body = if changed {
         Bytes::from(serde_json::to_vec(&v).map_err(|e| AdaptError::NotJson(e.to_string()))?)
     } else {
-        Bytes::copy_from_slice(body)
+        body.clone()
     };
     Ok(Adapted {
         body,
@@ -219,9 +328,18 @@ mod tests {
         endpoint(hyper::Method::POST, "/")
     }
 
+    fn adapt(
+        body: &[u8],
+        p: &Provider,
+        endpoint: &Endpoint,
+        limit: Option<(&str, u64)>,
+    ) -> Result<Adapted, AdaptError> {
+        adapt_body(&Bytes::copy_from_slice(body), p, endpoint, limit)
+    }
+
     #[test]
     fn fills_model_and_stream_only_when_missing() {
-        let a = adapt_body(
+        let a = adapt(
             br#"{"messages":[{"role":"user","content":"hi"}]}"#,
             &provider(),
             &chat(),
@@ -235,7 +353,7 @@ mod tests {
         assert_eq!((a.model.as_deref(), a.stream), (Some("qwen1.5-72b-chat"), false));
         assert!(!a.hide_usage_chunk);
 
-        let a = adapt_body(
+        let a = adapt(
             br#"{"model":"qwen-max","stream":true,"messages":[]}"#,
             &provider(),
             &chat(),
@@ -251,7 +369,7 @@ mod tests {
     #[test]
     fn streams_always_ask_for_usage_and_remember_whether_the_client_did() {
         // Not asked: asked upstream, hidden from the client.
-        let a = adapt_body(
+        let a = adapt(
             br#"{"model":"m","stream":true,"stream_options":{"other":1},"messages":[]}"#,
             &provider(),
             &chat(),
@@ -264,13 +382,13 @@ mod tests {
         assert!(a.hide_usage_chunk);
         // Asked: unchanged, byte for byte.
         let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
-        let a = adapt_body(asked, &provider(), &chat(), None).unwrap();
+        let a = adapt(asked, &provider(), &chat(), None).unwrap();
         assert_eq!(&a.body[..], &asked[..]);
         assert!(!a.hide_usage_chunk);
         // Text completions too; embeddings keep their body and model as sent.
         let completions = endpoint(hyper::Method::POST, "/v1/completions");
         assert!(
-            adapt_body(
+            adapt(
                 br#"{"model":"m","prompt":"x","stream":true}"#,
                 &provider(),
                 &completions,
@@ -281,7 +399,7 @@ mod tests {
         );
         let embeddings = endpoint(hyper::Method::POST, "/v1/embeddings");
         let body = br#"{"input":"x"}"#;
-        let a = adapt_body(body, &provider(), &embeddings, None).unwrap();
+        let a = adapt(body, &provider(), &embeddings, None).unwrap();
         assert_eq!(
             &a.body[..],
             &body[..],
@@ -292,7 +410,7 @@ mod tests {
 
     #[test]
     fn a_budget_limit_is_set_when_the_request_has_none() {
-        let a = adapt_body(
+        let a = adapt(
             br#"{"model":"m","messages":[]}"#,
             &provider(),
             &chat(),
@@ -304,13 +422,131 @@ mod tests {
     }
 
     #[test]
+    fn added_fields_go_before_the_clients_bytes_which_stay_as_sent() {
+        let sent = br#" { "z" : 1, "messages":[{"content":"\u00e9 x"}], "a":[ ] } "#;
+        let a = adapt(sent, &provider(), &chat(), Some(("max_tokens", 7))).unwrap();
+        let text = std::str::from_utf8(&a.body).unwrap();
+        let (front, rest) = text.split_once('{').unwrap();
+        assert_eq!(front, " ");
+        assert!(
+            rest.ends_with(r#" "z" : 1, "messages":[{"content":"\u00e9 x"}], "a":[ ] } "#),
+            "the client's fields were rewritten: {text}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["max_tokens"], 7);
+        assert_eq!(v["model"], "qwen1.5-72b-chat");
+        assert_eq!(v["stream"], false);
+        assert_eq!(v["messages"][0]["content"], "\u{e9} x");
+        // An empty object gets no stray comma.
+        let a = adapt(b"{}", &provider(), &chat(), None).unwrap();
+        assert_eq!(&a.body[..], br#"{"model":"qwen1.5-72b-chat","stream":false}"#);
+    }
+
+    /// The in-place adapter must say what the `Value` one says, or leave
+    /// the body to it: same fields upstream, same model, stream and usage
+    /// flag, same errors.
+    #[test]
+    fn in_place_and_value_adaptation_agree() {
+        let nested = |depth: usize| format!(r#"{{"a":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        let deep = [nested(126), nested(127), nested(128), nested(400)];
+        let bodies: Vec<&str> = [
+            "{}",
+            " {\n} ",
+            r#"{"messages":[]}"#,
+            r#"{"model":"m","messages":[]}"#,
+            r#"{"mod\u0065l":"escaped key","stream":true}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"stream":true,"stream":false}"#,
+            r#"{"model":7,"stream":"true"}"#,
+            r#"{"model":"m\"q","stream":true}"#,
+            r#"{"stream":true}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"stream":true,"stream_options":[1]}"#,
+            r#"{"max_tokens":5,"messages":[]}"#,
+            r#"{"max_tokens":5,"max_tokens":9}"#,
+            r#"{"max_output_tokens":5,"input":"x"}"#,
+            r#"{"nested":{"model":"inner","stream":true}}"#,
+            r#"{"a":1} x"#,
+            r#"{"a":1,}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":1e400}"#,
+            r#"{"a":18446744073709551616}"#,
+            "[1]",
+            "\"s\"",
+            "",
+        ]
+        .into_iter()
+        .chain(deep.iter().map(String::as_str))
+        .collect();
+        let mut no_defaults = provider();
+        no_defaults.model = None;
+        no_defaults.stream = None;
+        let mut streaming = provider();
+        streaming.stream = Some(true);
+        let endpoints = [
+            chat(),
+            endpoint(hyper::Method::POST, "/v1/completions"),
+            endpoint(hyper::Method::POST, "/v1/embeddings"),
+            endpoint(hyper::Method::POST, "/v1/responses"),
+        ];
+        let limits = [None, Some(("max_tokens", 40)), Some(("max_output_tokens", 9))];
+        let mut in_place = 0;
+        for body in &bodies {
+            let bytes = Bytes::copy_from_slice(body.as_bytes());
+            for p in [provider(), no_defaults.clone(), streaming.clone()] {
+                for e in &endpoints {
+                    for limit in limits {
+                        let want = adapt_value(&bytes, &p, e, limit);
+                        let got = adapt_body(&bytes, &p, e, limit);
+                        in_place += usize::from(adapt_in_place(&bytes, &p, e, limit).is_some());
+                        let case = format!("{body} / {:?} / {limit:?}", e.operation);
+                        match (want, got) {
+                            (Ok(want), Ok(got)) => {
+                                let parse =
+                                    |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+                                assert_eq!(parse(&got.body), parse(&want.body), "{case}");
+                                assert_eq!(
+                                    (got.model, got.stream, got.hide_usage_chunk),
+                                    (want.model, want.stream, want.hide_usage_chunk),
+                                    "{case}"
+                                );
+                            }
+                            (want, got) => assert_eq!(got, want, "{case}"),
+                        }
+                    }
+                }
+            }
+        }
+        assert!(in_place > 100, "the in-place path was taken {in_place} times");
+    }
+
+    #[test]
+    fn a_field_the_adapter_reads_twice_is_written_once() {
+        // A provider that keeps the first of two keys must not see a
+        // model or stream the gateway did not read.
+        let a = adapt(
+            br#"{"model":"a","stream":true,"model":"b","messages":[]}"#,
+            &provider(),
+            &chat(),
+            Some(("max_tokens", 3)),
+        )
+        .unwrap();
+        let text = std::str::from_utf8(&a.body).unwrap();
+        assert_eq!(text.matches(r#""model""#).count(), 1, "{text}");
+        assert_eq!(text.matches(r#""stream""#).count(), 1, "{text}");
+        assert_eq!(a.model.as_deref(), Some("b"));
+    }
+
+    #[test]
     fn rejects_bodies_that_are_not_json_objects() {
         assert!(matches!(
-            adapt_body(b"hello", &provider(), &chat(), None),
+            adapt(b"hello", &provider(), &chat(), None),
             Err(AdaptError::NotJson(_))
         ));
         assert_eq!(
-            adapt_body(b"[1,2]", &provider(), &chat(), None),
+            adapt(b"[1,2]", &provider(), &chat(), None),
             Err(AdaptError::NotObject)
         );
     }

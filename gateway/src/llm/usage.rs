@@ -269,6 +269,20 @@ fn model_of(v: &serde_json::Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The fields of a JSON answer that accounting reads, as an object of
+/// their own: the rest (choices, messages) is checked but not built.
+fn answer_fields(json: &[u8]) -> Option<serde_json::Value> {
+    const NAMES: [&str; 3] = ["usage", "model", "response"];
+    let fields = super::json::top_level(json, NAMES.map(Some)).ok()?;
+    Some(serde_json::Value::Object(
+        NAMES
+            .iter()
+            .zip(fields.values)
+            .filter_map(|(name, v)| Some((name.to_string(), v?)))
+            .collect(),
+    ))
+}
+
 /// Incremental extractor for one response.
 #[derive(Debug)]
 pub enum Extractor {
@@ -362,16 +376,14 @@ impl Extractor {
             self.feed(b"\n");
         }
         match self {
-            Extractor::Json { buf, overflow: false } => {
-                match serde_json::from_slice::<serde_json::Value>(buf) {
-                    Ok(v) => Extracted {
-                        usage: usage_of(&v),
-                        details: details_of(&v),
-                        model: model_of(&v),
-                    },
-                    Err(_) => Extracted::default(),
-                }
-            }
+            Extractor::Json { buf, overflow: false } => match answer_fields(buf) {
+                Some(v) => Extracted {
+                    usage: usage_of(&v),
+                    details: details_of(&v),
+                    model: model_of(&v),
+                },
+                None => Extracted::default(),
+            },
             Extractor::Sse {
                 last, details, model, ..
             } => Extracted {
@@ -584,6 +596,36 @@ mod tests {
                 completion_tokens: 72
             })
         );
+    }
+
+    /// Reading only an answer's accounting fields finds what reading it
+    /// whole into a `Value` finds.
+    #[test]
+    fn json_answers_read_by_their_fields_as_when_read_whole() {
+        let answers = [
+            r#"{"id":"x","choices":[{"message":{"content":"hi","usage":{"prompt_tokens":99}}}],"model":"qwen","usage":{"prompt_tokens":3,"completion_tokens":72}}"#,
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":1}}}"#,
+            r#"{"usage":null,"response":{"model":"r","usage":{"input_tokens":4,"output_tokens":2}}}"#,
+            r#"{"usage":[1],"model":7}"#,
+            r#"{"model":"","usage":{"prompt_tokens":"3"}}"#,
+            r#"{"usage":{"prompt_tokens":3},"bad":"\ud800"}"#,
+            r#"[{"usage":{"prompt_tokens":3}}]"#,
+            r#"{"usage":{"prompt_tokens":3}} trailing"#,
+            "",
+        ];
+        for answer in answers {
+            let whole = match serde_json::from_slice::<serde_json::Value>(answer.as_bytes()) {
+                Ok(v) => Extracted {
+                    usage: usage_of(&v),
+                    details: details_of(&v),
+                    model: model_of(&v),
+                },
+                Err(_) => Extracted::default(),
+            };
+            let mut e = Extractor::for_content_type(Some("application/json"));
+            e.feed(answer.as_bytes());
+            assert_eq!(e.finish_all(), whole, "{answer}");
+        }
     }
 
     #[test]

@@ -1,0 +1,204 @@
+//! Reading a few top-level fields of a JSON object without building the
+//! rest: request bodies and answers are mostly messages and choices the
+//! gateway never looks at, and building them as a `Value` (a string per
+//! text, a tree node per key) was most of the JSON work per request.
+
+use serde::de::{DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+/// The named fields of an object, by position in the names asked for.
+#[derive(Debug)]
+pub struct Fields<const N: usize> {
+    pub values: [Option<Value>; N],
+    /// A named field came more than once (`values` holds the last, as a
+    /// parse into `Value` would).
+    pub repeated: bool,
+    /// Keys in the object, named or not.
+    pub keys: usize,
+}
+
+/// The fields `names` of the JSON object `json`. It accepts and rejects
+/// exactly what `serde_json::from_slice::<Value>` does for an object:
+/// every value is parsed through `deserialize_any`, so strings' escapes
+/// are decoded (a lone surrogate is an error), numbers are read and
+/// nesting depth is counted; only nothing is kept of unnamed fields.
+/// A `None` name matches no key.
+pub fn top_level<const N: usize>(
+    json: &[u8],
+    names: [Option<&str>; N],
+) -> Result<Fields<N>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let fields = de.deserialize_map(Scan { names })?;
+    de.end()?;
+    Ok(fields)
+}
+
+struct Scan<'n, const N: usize> {
+    names: [Option<&'n str>; N],
+}
+
+impl<'de, const N: usize> Visitor<'de> for Scan<'_, N> {
+    type Value = Fields<N>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<N>, A::Error> {
+        let mut fields = Fields {
+            values: std::array::from_fn(|_| None),
+            repeated: false,
+            keys: 0,
+        };
+        while let Some(named) = map.next_key_seed(Named(&self.names))? {
+            fields.keys += 1;
+            match named {
+                Some(i) => fields.repeated |= fields.values[i].replace(map.next_value()?).is_some(),
+                None => {
+                    map.next_value::<AnyJson>()?;
+                }
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// Which name a key is, without allocating it.
+struct Named<'a, 'n, const N: usize>(&'a [Option<&'n str>; N]);
+
+impl<'de, const N: usize> DeserializeSeed<'de> for Named<'_, '_, N> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<const N: usize> Visitor<'_> for Named<'_, '_, N> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|n| *n == Some(key)))
+    }
+}
+
+/// Any JSON value, checked and dropped. Unlike `IgnoredAny` (which skips
+/// bytes without decoding strings or counting depth), it goes through
+/// `deserialize_any`, as `Value` does.
+struct AnyJson;
+
+impl<'de> serde::Deserialize<'de> for AnyJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AnyJson, D::Error> {
+        d.deserialize_any(AnyJson)
+    }
+}
+
+impl<'de> Visitor<'de> for AnyJson {
+    type Value = AnyJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+
+    fn visit_unit<E>(self) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyJson, A::Error> {
+        while seq.next_element::<AnyJson>()?.is_some() {}
+        Ok(AnyJson)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyJson, A::Error> {
+        while map.next_key::<AnyJson>()?.is_some() {
+            map.next_value::<AnyJson>()?;
+        }
+        Ok(AnyJson)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts what a parse into `Value` accepts, nothing more: the cases
+    /// where skipping (`IgnoredAny`) is laxer are here.
+    #[test]
+    fn accepts_and_rejects_as_a_value_parse_does() {
+        let nested = |depth: usize| format!(r#"{{"a":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        let mut cases: Vec<String> = [
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\udc00\ud800"}"#,
+            r#"{"a":"\ud83d\ude00","b":[1,-2,3.5,true,null,{}]}"#,
+            r#"{"a":1e400}"#,
+            r#"{"a":-1e400}"#,
+            r#"{"a":18446744073709551616}"#,
+            r#"{"a":01}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":1} x"#,
+            r#"{"a":"\x"}"#,
+            "{\"a\":\"\t\"}",
+            "[1]",
+            "\"s\"",
+            "",
+        ]
+        .map(String::from)
+        .into();
+        cases.extend([126, 127, 128, 400].map(nested));
+        let mut invalid_utf8 = br#"{"a":"x"}"#.to_vec();
+        invalid_utf8[6] = 0xff;
+        let mut bytes: Vec<Vec<u8>> = cases.into_iter().map(String::into_bytes).collect();
+        bytes.push(invalid_utf8);
+        for json in &bytes {
+            let value = serde_json::from_slice::<Value>(json);
+            let fields = top_level(json, [Some("a")]);
+            let case = String::from_utf8_lossy(json);
+            match (&value, &fields) {
+                (Ok(Value::Object(o)), Ok(f)) => assert_eq!(o.get("a"), f.values[0].as_ref(), "{case}"),
+                (Ok(Value::Object(_)), Err(e)) => panic!("{case}: rejected ({e}), Value accepts it"),
+                (Ok(_), Ok(_)) => panic!("{case}: not an object, accepted"),
+                (Err(_), Ok(_)) => panic!("{case}: accepted, Value rejects it"),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn named_fields_come_back_in_order_with_the_last_of_a_repeat() {
+        let f = top_level(
+            br#"{"x":[{"model":"inner"}],"model":"a","mod\u0065l":"b","stream":true}"#,
+            [Some("stream"), None, Some("model"), Some("absent")],
+        )
+        .unwrap();
+        assert_eq!(f.values, [Some(true.into()), None, Some("b".into()), None],);
+        assert!(f.repeated);
+        assert_eq!(f.keys, 4);
+        let f = top_level(br#"{"model":"a"}"#, [Some("model")]).unwrap();
+        assert!(!f.repeated);
+    }
+}
