@@ -30,6 +30,14 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// How long an idle blocking-pool thread lives (tokio's default is 10 s).
+/// Both binaries check their configuration on the blocking pool once a
+/// second, and an idle thread is woken oldest first: with 10 s, every
+/// thread a burst ever made (DNS lookups, a slow reload) was woken before
+/// it could expire and stayed for good, with its stack and arena. With
+/// 2 s about two stay.
+pub const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A multi-threaded runtime with `workers` threads (default: one per CPU).
 /// On small nodes one worker avoids cross-thread wake-ups, which dominate a
 /// proxy's profile there.
@@ -39,6 +47,7 @@ pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
         .filter(|n| *n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     b.worker_threads(workers);
+    b.thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE);
     bound_allocator_arenas(workers + 1);
     b.enable_all().build()
 }
