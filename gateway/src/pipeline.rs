@@ -506,7 +506,18 @@ impl Gateway {
         let mut completion_guard = None;
         let mut inject_limit = None;
         if let (false, Some(raw)) = (cfg.budgets.is_empty(), &raw) {
-            let mut cost = Cost::of(raw, endpoint.operation);
+            let mut cost = match Cost::of(raw, endpoint.operation) {
+                Ok(cost) => cost,
+                Err(e) => {
+                    return fail(
+                        &self,
+                        &access,
+                        StatusCode::BAD_REQUEST,
+                        &format!("{e}\n"),
+                        "bad body",
+                    )
+                }
+            };
             if cost.model.is_none() && endpoint.operation == endpoint::Operation::Chat {
                 cost.model = primary.model.clone();
             }

@@ -235,6 +235,33 @@ async fn a_provider_that_ignores_the_limit_is_cut_off_with_an_error_event() {
     .await;
 }
 
+/// Limits a lenient or first-key-wins provider would read past the
+/// reservation never reach it: the gateway refuses them with 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_limit_the_gateway_cannot_price_never_reaches_the_provider() {
+    let lab = lab(100_000, &[], &[]);
+    let messages = r#""messages": [{"role": "user", "content": "count"}]"#;
+    for (limits, field) in [
+        (r#""max_tokens": 5, "MAX_TOKENS": 100000"#, "max_tokens"),
+        (r#""max_tokens": 100000, "max_tokens": 5"#, "max_tokens"),
+        (r#""max_completion_tokens": "100000""#, "max_completion_tokens"),
+        (r#""max_tokens": 5, "n": 1, "N": 8"#, "n"),
+    ] {
+        let body = format!(r#"{{"stream": true, {limits}, {messages}}}"#);
+        let resp = send_as(&lab, lab.tunnel_addr(), "sleep", seed_request(&body)).await;
+        let status = resp.status();
+        let text = body_text(resp).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+        assert!(text.contains(&format!("`{field}`")), "{body}: {text}");
+    }
+    assert!(
+        provider_requests(lab.dir.path()).is_empty(),
+        "the provider saw a request the gateway could not price"
+    );
+    let ok = call(&lab, lab.tunnel_addr(), "sleep", 5).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+}
+
 /// A `redis-server` on `ip`, without persistence.
 fn redis(lab: &GatewayLab, ip: std::net::Ipv4Addr) -> Daemon {
     let args: Vec<String> = [

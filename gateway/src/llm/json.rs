@@ -15,6 +15,11 @@ pub struct Fields<const N: usize> {
     pub repeated: bool,
     /// Keys in the object, named or not.
     pub keys: usize,
+    /// The first guarded name (by position) that a key spells in another
+    /// case, or that two keys spell alike ignoring case: a provider whose
+    /// parser matches keys loosely (Go's `encoding/json`) or keeps the
+    /// first of two would read a value the gateway did not.
+    pub ambiguous: Option<usize>,
 }
 
 /// The fields `names` of the JSON object `json`. It accepts and rejects
@@ -22,22 +27,28 @@ pub struct Fields<const N: usize> {
 /// every value is parsed through `deserialize_any`, so strings' escapes
 /// are decoded (a lone surrogate is an error), numbers are read and
 /// nesting depth is counted; only nothing is kept of unnamed fields.
-/// A `None` name matches no key.
+/// A `None` name matches no key. Keys are compared with the `guarded`
+/// names (the first 32) ignoring ASCII case, for `Fields::ambiguous`.
 pub fn top_level<const N: usize>(
     json: &[u8],
     names: [Option<&str>; N],
+    guarded: &[&str],
 ) -> Result<Fields<N>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
-    let fields = de.deserialize_map(Scan { names })?;
+    let fields = de.deserialize_map(Scan {
+        names,
+        guarded: &guarded[..guarded.len().min(32)],
+    })?;
     de.end()?;
     Ok(fields)
 }
 
-struct Scan<'n, const N: usize> {
+struct Scan<'n, 'g, const N: usize> {
     names: [Option<&'n str>; N],
+    guarded: &'g [&'g str],
 }
 
-impl<'de, const N: usize> Visitor<'de> for Scan<'_, N> {
+impl<'de, const N: usize> Visitor<'de> for Scan<'_, '_, N> {
     type Value = Fields<N>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -49,10 +60,21 @@ impl<'de, const N: usize> Visitor<'de> for Scan<'_, N> {
             values: std::array::from_fn(|_| None),
             repeated: false,
             keys: 0,
+            ambiguous: None,
         };
-        while let Some(named) = map.next_key_seed(Named(&self.names))? {
+        let mut guarded_seen = 0u32;
+        while let Some(key) = map.next_key_seed(Classify {
+            names: &self.names,
+            guarded: self.guarded,
+        })? {
             fields.keys += 1;
-            match named {
+            if let Some((g, exact)) = key.guarded {
+                if !exact || guarded_seen & (1 << g) != 0 {
+                    fields.ambiguous = Some(fields.ambiguous.map_or(g, |a| a.min(g)));
+                }
+                guarded_seen |= 1 << g;
+            }
+            match key.named {
                 Some(i) => fields.repeated |= fields.values[i].replace(map.next_value()?).is_some(),
                 None => {
                     map.next_value::<AnyJson>()?;
@@ -63,26 +85,44 @@ impl<'de, const N: usize> Visitor<'de> for Scan<'_, N> {
     }
 }
 
-/// Which name a key is, without allocating it.
-struct Named<'a, 'n, const N: usize>(&'a [Option<&'n str>; N]);
+/// What a key is to the scan.
+struct Key {
+    /// Its position among the names asked for.
+    named: Option<usize>,
+    /// The guarded name it matches ignoring case, and whether exactly.
+    guarded: Option<(usize, bool)>,
+}
 
-impl<'de, const N: usize> DeserializeSeed<'de> for Named<'_, '_, N> {
-    type Value = Option<usize>;
+/// Classifies a key without allocating it.
+struct Classify<'a, 'n, 'g, const N: usize> {
+    names: &'a [Option<&'n str>; N],
+    guarded: &'g [&'g str],
+}
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+impl<'de, const N: usize> DeserializeSeed<'de> for Classify<'_, '_, '_, N> {
+    type Value = Key;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<const N: usize> Visitor<'_> for Named<'_, '_, N> {
-    type Value = Option<usize>;
+impl<const N: usize> Visitor<'_> for Classify<'_, '_, '_, N> {
+    type Value = Key;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a field name")
     }
 
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.iter().position(|n| *n == Some(key)))
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+        Ok(Key {
+            named: self.names.iter().position(|n| *n == Some(key)),
+            guarded: self
+                .guarded
+                .iter()
+                .position(|g| g.eq_ignore_ascii_case(key))
+                .map(|g| (g, self.guarded[g] == key)),
+        })
     }
 }
 
@@ -176,7 +216,7 @@ mod tests {
         bytes.push(invalid_utf8);
         for json in &bytes {
             let value = serde_json::from_slice::<Value>(json);
-            let fields = top_level(json, [Some("a")]);
+            let fields = top_level(json, [Some("a")], &[]);
             let case = String::from_utf8_lossy(json);
             match (&value, &fields) {
                 (Ok(Value::Object(o)), Ok(f)) => assert_eq!(o.get("a"), f.values[0].as_ref(), "{case}"),
@@ -193,12 +233,34 @@ mod tests {
         let f = top_level(
             br#"{"x":[{"model":"inner"}],"model":"a","mod\u0065l":"b","stream":true}"#,
             [Some("stream"), None, Some("model"), Some("absent")],
+            &[],
         )
         .unwrap();
         assert_eq!(f.values, [Some(true.into()), None, Some("b".into()), None],);
         assert!(f.repeated);
         assert_eq!(f.keys, 4);
-        let f = top_level(br#"{"model":"a"}"#, [Some("model")]).unwrap();
+        let f = top_level(br#"{"model":"a"}"#, [Some("model")], &[]).unwrap();
         assert!(!f.repeated);
+    }
+
+    #[test]
+    fn guarded_names_are_ambiguous_when_twice_or_in_another_case() {
+        let guarded = ["model", "max_tokens", "n"];
+        let ambiguous = |json: &str| {
+            top_level(json.as_bytes(), [Some("model")], &guarded)
+                .unwrap()
+                .ambiguous
+        };
+        assert_eq!(ambiguous(r#"{"model":"a","max_tokens":1,"n":2,"N2":1}"#), None);
+        assert_eq!(ambiguous(r#"{"model":"a","MAX_TOKENS":1}"#), Some(1));
+        assert_eq!(ambiguous(r#"{"max_tokens":1,"max_tokens":2}"#), Some(1));
+        assert_eq!(ambiguous(r#"{"Model":"a"}"#), Some(0));
+        assert_eq!(ambiguous(r#"{"n":1,"model":"a","model":"b"}"#), Some(0));
+        assert_eq!(ambiguous(r#"{"N":1,"max_tokens":1,"max_tokens":2}"#), Some(1));
+        // Escapes decode first: an escaped exact spelling is the name.
+        assert_eq!(ambiguous(r#"{"m\u006fdel":"a"}"#), None);
+        assert_eq!(ambiguous(r#"{"model":"a","m\u006fdel":"b"}"#), Some(0));
+        // Nested keys are the provider's business.
+        assert_eq!(ambiguous(r#"{"x":{"model":1,"MODEL":2}}"#), None);
     }
 }

@@ -23,6 +23,38 @@ pub enum AdaptError {
     NotJson(String),
     #[error("the request body must be a JSON object")]
     NotObject,
+    #[error(
+        "the request body gives `{0}` more than once, or spelled in another case; give it once, as `{0}`"
+    )]
+    Ambiguous(&'static str),
+    #[error("`{0}` must be a whole number (or null) when a token budget applies to the request")]
+    NotCount(&'static str),
+}
+
+/// Top-level fields the gateway reads, sets or prices. A body may give
+/// each once, spelled exactly so: providers' parsers differ on repeated
+/// keys (first or last wins) and some match keys ignoring case (Go's
+/// `encoding/json`), and either would let a provider read a model, a
+/// stream flag or a limit other than the one the gateway read, priced or
+/// set.
+pub const GUARDED: [&str; 8] = [
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+];
+
+/// Why a body that the scan of `json::top_level` refused is not a JSON
+/// object, in the words of a parse into `Value`.
+pub fn not_an_object(body: &[u8]) -> AdaptError {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Err(e) => AdaptError::NotJson(e.to_string()),
+        Ok(_) => AdaptError::NotObject,
+    }
 }
 
 /// Headers never forwarded upstream: every credential a client may send
@@ -80,25 +112,26 @@ pub fn adapt_body(
     limit: Option<(&str, u64)>,
 ) -> Result<Adapted, AdaptError> {
     match adapt_in_place(body, p, endpoint, limit) {
-        Some(adapted) => Ok(adapted),
+        Some(adapted) => adapted,
         None => adapt_value(body, p, endpoint, limit),
     }
 }
 
 /// `adapt_value` without building the body as a `Value`: only the fields
 /// it reads are built, the fields to add go in after the opening brace,
-/// and the client's bytes follow unchanged. `None` where that cannot give the same answer as `adapt_value`, which
-/// then decides: a body that does not parse (its error is reported from
-/// there), a field the adapter reads that comes twice, a budget limit the
-/// body already has, or `stream_options` that exist but lack
-/// `include_usage`. Fields are only ever added when absent, so the result
-/// never holds a key twice.
+/// and the client's bytes follow unchanged. A body that gives a `GUARDED`
+/// field ambiguously is refused. `None` where this cannot give the same
+/// answer as `adapt_value`, which then decides: a body that does not parse
+/// (its error is reported from there), a field the adapter reads that
+/// comes twice, a budget limit the body already has, or `stream_options`
+/// that exist but lack `include_usage`. Fields are only ever added when
+/// absent, so the result never holds a key twice.
 fn adapt_in_place(
     body: &Bytes,
     p: &Provider,
     endpoint: &Endpoint,
     limit: Option<(&str, u64)>,
-) -> Option<Adapted> {
+) -> Option<Result<Adapted, AdaptError>> {
     // The fields read here, and the budget's limit field (added if absent).
     let names = [
         Some("model"),
@@ -106,7 +139,10 @@ fn adapt_in_place(
         Some("stream_options"),
         limit.map(|(field, _)| field),
     ];
-    let top = json::top_level(body, names).ok()?;
+    let top = json::top_level(body, names, &GUARDED).ok()?;
+    if let Some(g) = top.ambiguous {
+        return Some(Err(AdaptError::Ambiguous(GUARDED[g])));
+    }
     if top.repeated {
         return None;
     }
@@ -170,12 +206,12 @@ fn adapt_in_place(
         out.extend_from_slice(&body[open..]);
         Bytes::from(out)
     };
-    Some(Adapted {
+    Some(Ok(Adapted {
         body,
         model,
         stream,
         hide_usage_chunk,
-    })
+    }))
 }
 
 /// The same adaptation over a parsed `Value`: every case.
@@ -455,8 +491,6 @@ mod tests {
             r#"{"messages":[]}"#,
             r#"{"model":"m","messages":[]}"#,
             r#"{"mod\u0065l":"escaped key","stream":true}"#,
-            r#"{"model":"a","model":"b"}"#,
-            r#"{"stream":true,"stream":false}"#,
             r#"{"model":7,"stream":"true"}"#,
             r#"{"model":"m\"q","stream":true}"#,
             r#"{"stream":true}"#,
@@ -465,7 +499,6 @@ mod tests {
             r#"{"stream":true,"stream_options":null}"#,
             r#"{"stream":true,"stream_options":[1]}"#,
             r#"{"max_tokens":5,"messages":[]}"#,
-            r#"{"max_tokens":5,"max_tokens":9}"#,
             r#"{"max_output_tokens":5,"input":"x"}"#,
             r#"{"nested":{"model":"inner","stream":true}}"#,
             r#"{"a":1} x"#,
@@ -522,21 +555,149 @@ mod tests {
         assert!(in_place > 100, "the in-place path was taken {in_place} times");
     }
 
+    /// Against a provider whose parser keeps the first of two keys, or
+    /// matches keys ignoring case, each of these would have it read a
+    /// limit, a choice count or a model the gateway did not.
     #[test]
-    fn a_field_the_adapter_reads_twice_is_written_once() {
-        // A provider that keeps the first of two keys must not see a
-        // model or stream the gateway did not read.
-        let a = adapt(
-            br#"{"model":"a","stream":true,"model":"b","messages":[]}"#,
-            &provider(),
-            &chat(),
-            Some(("max_tokens", 3)),
-        )
-        .unwrap();
-        let text = std::str::from_utf8(&a.body).unwrap();
-        assert_eq!(text.matches(r#""model""#).count(), 1, "{text}");
-        assert_eq!(text.matches(r#""stream""#).count(), 1, "{text}");
-        assert_eq!(a.model.as_deref(), Some("b"));
+    fn bodies_that_give_a_guarded_field_twice_or_in_another_case_are_refused() {
+        for (body, field) in [
+            (r#"{"model":"a","stream":true,"model":"b"}"#, "model"),
+            (r#"{"mod\u0065l":"a","model":"b"}"#, "model"),
+            (r#"{"MODEL":"expensive","messages":[]}"#, "model"),
+            (r#"{"model":"m","MAX_TOKENS":100000,"messages":[]}"#, "max_tokens"),
+            (
+                r#"{"model":"m","max_tokens":100000,"max_tokens":1}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"max_completion_tokens":100000,"max_completion_tokens":null}"#,
+                "max_completion_tokens",
+            ),
+            (r#"{"n":8,"n":1}"#, "n"),
+            (r#"{"Best_Of":8}"#, "best_of"),
+            (r#"{"stream":false,"Stream":true}"#, "stream"),
+            (r#"{"stream_options":{},"STREAM_OPTIONS":{}}"#, "stream_options"),
+            (
+                r#"{"max_output_tokens":1,"Max_Output_Tokens":9}"#,
+                "max_output_tokens",
+            ),
+        ] {
+            for limit in [None, Some(("max_tokens", 40))] {
+                assert_eq!(
+                    adapt(body.as_bytes(), &provider(), &chat(), limit),
+                    Err(AdaptError::Ambiguous(field)),
+                    "{body}"
+                );
+            }
+        }
+        // Nested objects are the provider's to read; other keys may repeat.
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","Model":1,"model":2}]}"#,
+            r#"{"model":"m","user":"a","user":"b","Models":1}"#,
+        ] {
+            assert!(
+                adapt(body.as_bytes(), &provider(), &chat(), None).is_ok(),
+                "{body}"
+            );
+        }
+    }
+
+    /// Fuzz target: objects made of the keys the gateway guards (in every
+    /// spelling), others, and values of every kind. Never panics; refuses
+    /// exactly the bodies that give a guarded key twice or in another
+    /// case; otherwise says what the `Value` adaptation says, and what goes
+    /// upstream gives each guarded key at most once, spelled exactly.
+    #[test]
+    fn fuzz_adapt_body() {
+        // (spelling, the guarded name it is, whether exactly)
+        const KEYS: [(&str, Option<&str>, bool); 14] = [
+            ("model", Some("model"), true),
+            ("MODEL", Some("model"), false),
+            (r"mod\u0065l", Some("model"), true),
+            ("stream", Some("stream"), true),
+            ("Stream", Some("stream"), false),
+            ("stream_options", Some("stream_options"), true),
+            ("max_tokens", Some("max_tokens"), true),
+            ("MAX_TOKENS", Some("max_tokens"), false),
+            ("max_output_tokens", Some("max_output_tokens"), true),
+            ("max_completion_tokens", Some("max_completion_tokens"), true),
+            ("n", Some("n"), true),
+            ("N", Some("n"), false),
+            ("messages", None, true),
+            ("x", None, true),
+        ];
+        const VALUES: [&str; 11] = [
+            r#""m""#,
+            "true",
+            "false",
+            "null",
+            "7",
+            "1e5",
+            r#""8""#,
+            "{}",
+            r#"{"include_usage":true}"#,
+            r#"{"include_usage":false,"model":"inner"}"#,
+            r#"[{"role":"user","content":"\u00e9"}]"#,
+        ];
+        let streaming = Provider {
+            stream: Some(true),
+            ..provider()
+        };
+        let endpoints = [chat(), endpoint(hyper::Method::POST, "/v1/responses")];
+        bolero::check!()
+            .with_type::<(Vec<(u8, u8)>, u8)>()
+            .with_iterations(crate::FUZZ_ITERATIONS)
+            .for_each(|(pairs, choice)| {
+                let pairs = &pairs[..pairs.len().min(6)];
+                let fields: Vec<String> = pairs
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            r#""{}":{}"#,
+                            KEYS[*k as usize % KEYS.len()].0,
+                            VALUES[*v as usize % VALUES.len()]
+                        )
+                    })
+                    .collect();
+                let body = Bytes::from(format!("{{{}}}", fields.join(",")));
+                let mut given: Vec<&str> = Vec::new();
+                let mut ambiguous = false;
+                for (k, _) in pairs {
+                    if let (_, Some(name), exact) = KEYS[*k as usize % KEYS.len()] {
+                        ambiguous |= !exact || given.contains(&name);
+                        given.push(name);
+                    }
+                }
+                let p = if choice & 1 == 0 {
+                    provider()
+                } else {
+                    streaming.clone()
+                };
+                let e = &endpoints[usize::from(choice & 2 != 0)];
+                let limit = (choice & 4 != 0).then_some(("max_tokens", 40));
+                let got = adapt_body(&body, &p, e, limit);
+                let case = String::from_utf8_lossy(&body).into_owned();
+                if ambiguous {
+                    assert!(matches!(got, Err(AdaptError::Ambiguous(_))), "{case}: {got:?}");
+                    return;
+                }
+                let want = adapt_value(&body, &p, e, limit);
+                match (got, want) {
+                    (Ok(got), Ok(want)) => {
+                        let up =
+                            json::top_level(&got.body, [None::<&str>; 0], &GUARDED).expect("JSON upstream");
+                        assert_eq!(up.ambiguous, None, "{case} went up as {:?}", got.body);
+                        let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).expect("JSON");
+                        assert_eq!(parse(&got.body), parse(&want.body), "{case}");
+                        assert_eq!(
+                            (got.model, got.stream, got.hide_usage_chunk),
+                            (want.model, want.stream, want.hide_usage_chunk),
+                            "{case}"
+                        );
+                    }
+                    (got, want) => assert_eq!(got, want, "{case}"),
+                }
+            });
     }
 
     #[test]

@@ -273,7 +273,7 @@ fn model_of(v: &serde_json::Value) -> Option<String> {
 /// their own: the rest (choices, messages) is checked but not built.
 fn answer_fields(json: &[u8]) -> Option<serde_json::Value> {
     const NAMES: [&str; 3] = ["usage", "model", "response"];
-    let fields = super::json::top_level(json, NAMES.map(Some)).ok()?;
+    let fields = super::json::top_level(json, NAMES.map(Some), &[]).ok()?;
     Some(serde_json::Value::Object(
         NAMES
             .iter()

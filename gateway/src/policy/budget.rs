@@ -24,7 +24,11 @@ use llm_egress_config::{
 };
 
 use crate::{
-    llm::endpoint::Operation,
+    llm::{
+        endpoint::Operation,
+        json,
+        provider::{self, AdaptError},
+    },
     metrics::{BudgetLabels, BudgetRefusalLabels, Metrics},
     policy::authz::value_matches,
 };
@@ -131,27 +135,50 @@ pub fn limit_field(operation: Operation) -> Option<&'static str> {
 }
 
 impl Cost {
-    pub fn of(body: &[u8], operation: Operation) -> Cost {
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    /// Reads what a request may cost. The fields it prices must be whole
+    /// numbers or null, given once and spelled exactly: a provider that
+    /// reads `"100000"`, `1e5` or a second key as a limit would otherwise
+    /// generate past a reservation made without it.
+    pub fn of(body: &[u8], operation: Operation) -> Result<Cost, AdaptError> {
+        const NAMES: [&str; 6] = [
+            "model",
+            "n",
+            "best_of",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+        ];
+        let fields = json::top_level(body, NAMES.map(Some), &provider::GUARDED)
+            .map_err(|_| provider::not_an_object(body))?;
+        if let Some(g) = fields.ambiguous {
+            return Err(AdaptError::Ambiguous(provider::GUARDED[g]));
+        }
+        let count = |name: &'static str| -> Result<Option<u64>, AdaptError> {
+            let given = NAMES
+                .iter()
+                .position(|n| *n == name)
+                .and_then(|i| fields.values[i].as_ref());
+            match given {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or(AdaptError::NotCount(name)),
+            }
+        };
         // The largest limit: providers differ in which field they honour.
         // Each of `n` (or `best_of`) choices may reach it.
-        let choices = ["n", "best_of"]
-            .iter()
-            .filter_map(|f| v.get(*f)?.as_u64())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let completion_limit = limit_fields(operation)
-            .iter()
-            .filter_map(|f| v.get(*f)?.as_u64())
-            .max()
-            .map(|n| n.saturating_mul(choices));
-        Cost {
-            model: v.get("model").and_then(|m| m.as_str()).map(str::to_string),
-            prompt: body.len() as u64,
-            completion_limit,
-            generates: limit_field(operation).is_some(),
+        let choices = count("n")?.max(count("best_of")?).unwrap_or(1).max(1);
+        let mut completion_limit = None;
+        for field in limit_fields(operation) {
+            completion_limit = completion_limit.max(count(field)?);
         }
+        Ok(Cost {
+            model: fields.values[0]
+                .as_ref()
+                .and_then(|m| m.as_str())
+                .map(str::to_string),
+            prompt: body.len() as u64,
+            completion_limit: completion_limit.map(|n| n.saturating_mul(choices)),
+            generates: limit_field(operation).is_some(),
+        })
     }
 }
 
@@ -738,22 +765,65 @@ mod tests {
     #[test]
     fn cost_reads_the_limits_of_each_operation() {
         let body = br#"{"model":"m","max_tokens":50,"max_completion_tokens":30,"messages":[]}"#;
-        let c = Cost::of(body, Operation::Chat);
+        let c = Cost::of(body, Operation::Chat).unwrap();
         assert_eq!(
             (c.completion_limit, c.prompt, c.model.as_deref()),
             (Some(50), body.len() as u64, Some("m"))
         );
         // Every choice may use the whole limit.
         assert_eq!(
-            Cost::of(br#"{"max_tokens":50,"n":3}"#, Operation::Chat).completion_limit,
+            Cost::of(br#"{"max_tokens":50,"n":3}"#, Operation::Chat)
+                .unwrap()
+                .completion_limit,
             Some(150)
         );
         assert_eq!(
-            Cost::of(br#"{"max_output_tokens":7}"#, Operation::Responses).completion_limit,
+            Cost::of(br#"{"max_output_tokens":7}"#, Operation::Responses)
+                .unwrap()
+                .completion_limit,
             Some(7)
         );
-        let e = Cost::of(br#"{"input":"x"}"#, Operation::Embeddings);
+        let e = Cost::of(br#"{"input":"x"}"#, Operation::Embeddings).unwrap();
         assert!(!e.generates && e.completion_limit.is_none());
+        // Null is no limit.
+        assert_eq!(
+            Cost::of(br#"{"max_tokens":null,"n":null}"#, Operation::Chat)
+                .unwrap()
+                .completion_limit,
+            None
+        );
+    }
+
+    /// A limit or choice count the gateway cannot read as a whole number
+    /// is one a lenient provider may still honour (pydantic reads "8" and
+    /// 1e5): the request is refused rather than priced without it.
+    #[test]
+    fn priced_fields_must_be_whole_numbers_given_once() {
+        for (body, err) in [
+            (
+                r#"{"max_completion_tokens":"100000"}"#,
+                AdaptError::NotCount("max_completion_tokens"),
+            ),
+            (r#"{"max_tokens":1e5}"#, AdaptError::NotCount("max_tokens")),
+            (r#"{"max_tokens":100.0}"#, AdaptError::NotCount("max_tokens")),
+            (r#"{"max_tokens":-1}"#, AdaptError::NotCount("max_tokens")),
+            (r#"{"max_tokens":10,"n":"8"}"#, AdaptError::NotCount("n")),
+            (r#"{"best_of":[8]}"#, AdaptError::NotCount("best_of")),
+            (
+                r#"{"max_tokens":1,"MAX_TOKENS":100000}"#,
+                AdaptError::Ambiguous("max_tokens"),
+            ),
+            (r#"{"n":1,"n":8}"#, AdaptError::Ambiguous("n")),
+            (r#"[1]"#, AdaptError::NotObject),
+        ] {
+            assert_eq!(Cost::of(body.as_bytes(), Operation::Chat), Err(err), "{body}");
+        }
+        assert!(matches!(
+            Cost::of(b"{", Operation::Chat),
+            Err(AdaptError::NotJson(_))
+        ));
+        // A field another operation prices is not this one's to refuse.
+        assert!(Cost::of(br#"{"max_output_tokens":"x"}"#, Operation::Chat).is_ok());
     }
 
     #[test]
