@@ -235,8 +235,9 @@ async fn a_provider_that_ignores_the_limit_is_cut_off_with_an_error_event() {
     .await;
 }
 
-/// Limits a lenient or first-key-wins provider would read past the
-/// reservation never reach it: the gateway refuses them with 400.
+/// Limits a lenient, loosely matching or first-key-wins provider would
+/// read past the reservation never reach it: the gateway refuses them
+/// with 400.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_limit_the_gateway_cannot_price_never_reaches_the_provider() {
     let lab = lab(100_000, &[], &[]);
@@ -246,6 +247,10 @@ async fn a_limit_the_gateway_cannot_price_never_reaches_the_provider() {
         (r#""max_tokens": 100000, "max_tokens": 5"#, "max_tokens"),
         (r#""max_completion_tokens": "100000""#, "max_completion_tokens"),
         (r#""max_tokens": 5, "n": 1, "N": 8"#, "n"),
+        // Go folds the Kelvin sign to k; camelCase aliases drop the `_`.
+        (r#""max_to\u212Aens": 100000"#, "max_tokens"),
+        (r#""maxTokens": 100000"#, "max_tokens"),
+        (r#""max_tokens": 0"#, "max_tokens"),
     ] {
         let body = format!(r#"{{"stream": true, {limits}, {messages}}}"#);
         let resp = send_as(&lab, lab.tunnel_addr(), "sleep", seed_request(&body)).await;

@@ -28,7 +28,8 @@ pub struct Fields<const N: usize> {
 /// are decoded (a lone surrogate is an error), numbers are read and
 /// nesting depth is counted; only nothing is kept of unnamed fields.
 /// A `None` name matches no key. Keys are compared with the `guarded`
-/// names (the first 32) ignoring ASCII case, for `Fields::ambiguous`.
+/// names (the first 32, lower-case ASCII) as Go's `encoding/json` matches
+/// them (`folds_to`), for `Fields::ambiguous`.
 pub fn top_level<const N: usize>(
     json: &[u8],
     names: [Option<&str>; N],
@@ -85,6 +86,26 @@ impl<'de, const N: usize> Visitor<'de> for Scan<'_, '_, N> {
     }
 }
 
+/// Whether `key` is `name` (lower-case ASCII) to a parser that matches
+/// keys loosely. Go's `encoding/json` folds case by Unicode's simple case
+/// folding: besides ASCII case, the Kelvin sign (U+212A) is a `k` and the
+/// long s (U+017F) an `s`, the only characters outside ASCII that fold to
+/// ASCII letters (so `"max_to\u212aens"` is `max_tokens` to it). Go's
+/// json v2 with case-insensitive names, and pydantic models with camelCase
+/// aliases, also take `maxTokens` or `max-tokens`: `_` and `-` are ignored.
+fn folds_to(key: &str, name: &str) -> bool {
+    let fold = |c: char| match c {
+        '\u{212A}' => 'k',
+        '\u{17F}' => 's',
+        c => c.to_ascii_lowercase(),
+    };
+    let mut key = key.chars().filter(|c| !matches!(c, '_' | '-')).map(fold);
+    name.bytes()
+        .filter(|&b| b != b'_')
+        .all(|n| key.next() == Some(char::from(n)))
+        && key.next().is_none()
+}
+
 /// What a key is to the scan.
 struct Key {
     /// Its position among the names asked for.
@@ -120,7 +141,7 @@ impl<const N: usize> Visitor<'_> for Classify<'_, '_, '_, N> {
             guarded: self
                 .guarded
                 .iter()
-                .position(|g| g.eq_ignore_ascii_case(key))
+                .position(|g| folds_to(key, g))
                 .map(|g| (g, self.guarded[g] == key)),
         })
     }
@@ -262,5 +283,102 @@ mod tests {
         assert_eq!(ambiguous(r#"{"model":"a","m\u006fdel":"b"}"#), Some(0));
         // Nested keys are the provider's business.
         assert_eq!(ambiguous(r#"{"x":{"model":1,"MODEL":2}}"#), None);
+        // Go folds the Kelvin sign to k and the long s to s.
+        assert_eq!(ambiguous(r#"{"max_to\u212aens":100000}"#), Some(1));
+        assert_eq!(ambiguous("{\"max_token\u{17f}\":100000}"), Some(1));
+        assert_eq!(ambiguous(r#"{"max_tokens":1,"max_to\u212Aen\u017f":9}"#), Some(1));
+        // Nothing else outside ASCII: a dotless i is not an i.
+        assert_eq!(ambiguous("{\"max_tokens\":1,\"n\u{131}\":2}"), None);
+        // Aliases without the underscore, or with a dash.
+        assert_eq!(ambiguous(r#"{"maxTokens":100000}"#), Some(1));
+        assert_eq!(ambiguous(r#"{"max-tokens":100000}"#), Some(1));
+        assert_eq!(ambiguous(r#"{"max_tokens":1,"maxtokens":2}"#), Some(1));
+        assert_eq!(ambiguous(r#"{"_n":2}"#), Some(2));
+    }
+
+    /// The fields of OpenAI's chat, completions and Responses requests are
+    /// each their own: none folds to another guarded name.
+    #[test]
+    fn openai_request_fields_are_not_ambiguous() {
+        let guarded = [
+            "model",
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+            "n",
+            "best_of",
+        ];
+        let fields = [
+            "messages",
+            "model",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "max_tokens",
+            "max_completion_tokens",
+            "n",
+            "presence_penalty",
+            "response_format",
+            "seed",
+            "service_tier",
+            "stop",
+            "stream",
+            "stream_options",
+            "temperature",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "user",
+            "reasoning_effort",
+            "modalities",
+            "audio",
+            "prediction",
+            "metadata",
+            "store",
+            "prompt",
+            "best_of",
+            "echo",
+            "suffix",
+            "input",
+            "instructions",
+            "max_output_tokens",
+            "previous_response_id",
+            "reasoning",
+            "text",
+            "truncation",
+            "include",
+            "background",
+            "max_tool_calls",
+        ];
+        let body = format!(
+            "{{{}}}",
+            fields
+                .iter()
+                .map(|f| format!(r#""{f}":1"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let f = top_level(body.as_bytes(), [None::<&str>; 0], &guarded).unwrap();
+        assert_eq!(f.ambiguous, None);
+        assert_eq!(f.keys, fields.len());
+    }
+
+    #[test]
+    fn folding_is_go_s_for_the_guarded_names() {
+        assert!(folds_to("MAX_TOKENS", "max_tokens"));
+        assert!(folds_to("max_to\u{212A}en\u{17F}", "max_tokens"));
+        // json v2 ignores underscores wherever they are.
+        assert!(folds_to("max_tokens_", "max_tokens"));
+        assert!(!folds_to("max_token", "max_tokens"));
+        assert!(!folds_to("m\u{130}del", "model"));
+        assert!(!folds_to("", "n"));
+        assert!(folds_to("", ""));
+        assert!(folds_to("bestOf", "best_of"));
+        assert!(folds_to("stream-options", "stream_options"));
+        assert!(!folds_to("max_tokens_x", "max_tokens"));
     }
 }

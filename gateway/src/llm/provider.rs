@@ -27,14 +27,15 @@ pub enum AdaptError {
         "the request body gives `{0}` more than once, or spelled in another case; give it once, as `{0}`"
     )]
     Ambiguous(&'static str),
-    #[error("`{0}` must be a whole number (or null) when a token budget applies to the request")]
+    #[error("`{0}` must be a positive whole number (or null) when a token budget applies to the request")]
     NotCount(&'static str),
 }
 
 /// Top-level fields the gateway reads, sets or prices. A body may give
 /// each once, spelled exactly so: providers' parsers differ on repeated
-/// keys (first or last wins) and some match keys ignoring case (Go's
-/// `encoding/json`), and either would let a provider read a model, a
+/// keys (first or last wins) and some match keys loosely (Go's
+/// `encoding/json` ignores case, camelCase aliases drop the underscore:
+/// `json::top_level`), and either would let a provider read a model, a
 /// stream flag or a limit other than the one the gateway read, priced or
 /// set.
 pub const GUARDED: [&str; 8] = [
@@ -574,6 +575,10 @@ mod tests {
                 "max_completion_tokens",
             ),
             (r#"{"n":8,"n":1}"#, "n"),
+            (r#"{"model":"m","max_to\u212Aens":100000}"#, "max_tokens"),
+            ("{\"\u{17f}tream\":true}", "stream"),
+            (r#"{"maxTokens":100000}"#, "max_tokens"),
+            (r#"{"best-of":8}"#, "best_of"),
             (r#"{"Best_Of":8}"#, "best_of"),
             (r#"{"stream":false,"Stream":true}"#, "stream"),
             (r#"{"stream_options":{},"STREAM_OPTIONS":{}}"#, "stream_options"),
@@ -610,7 +615,7 @@ mod tests {
     #[test]
     fn fuzz_adapt_body() {
         // (spelling, the guarded name it is, whether exactly)
-        const KEYS: [(&str, Option<&str>, bool); 14] = [
+        const KEYS: [(&str, Option<&str>, bool); 17] = [
             ("model", Some("model"), true),
             ("MODEL", Some("model"), false),
             (r"mod\u0065l", Some("model"), true),
@@ -619,6 +624,9 @@ mod tests {
             ("stream_options", Some("stream_options"), true),
             ("max_tokens", Some("max_tokens"), true),
             ("MAX_TOKENS", Some("max_tokens"), false),
+            (r"max_to\u212aens", Some("max_tokens"), false),
+            ("\u{17f}tream", Some("stream"), false),
+            ("maxTokens", Some("max_tokens"), false),
             ("max_output_tokens", Some("max_output_tokens"), true),
             ("max_completion_tokens", Some("max_completion_tokens"), true),
             ("n", Some("n"), true),

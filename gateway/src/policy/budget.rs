@@ -135,8 +135,8 @@ pub fn limit_field(operation: Operation) -> Option<&'static str> {
 }
 
 impl Cost {
-    /// Reads what a request may cost. The fields it prices must be whole
-    /// numbers or null, given once and spelled exactly: a provider that
+    /// Reads what a request may cost. The fields it prices must be positive
+    /// whole numbers or null, given once and spelled exactly: a provider that
     /// reads `"100000"`, `1e5` or a second key as a limit would otherwise
     /// generate past a reservation made without it.
     pub fn of(body: &[u8], operation: Operation) -> Result<Cost, AdaptError> {
@@ -160,7 +160,13 @@ impl Cost {
                 .and_then(|i| fields.values[i].as_ref());
             match given {
                 None | Some(serde_json::Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or(AdaptError::NotCount(name)),
+                // Zero too: a provider that reads 0 as "not set" (Go's
+                // omitempty, Python's `if max_tokens:`) would use its own.
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(Some)
+                    .ok_or(AdaptError::NotCount(name)),
             }
         };
         // The largest limit: providers differ in which field they honour.
@@ -809,6 +815,9 @@ mod tests {
             (r#"{"max_tokens":-1}"#, AdaptError::NotCount("max_tokens")),
             (r#"{"max_tokens":10,"n":"8"}"#, AdaptError::NotCount("n")),
             (r#"{"best_of":[8]}"#, AdaptError::NotCount("best_of")),
+            (r#"{"max_tokens":0}"#, AdaptError::NotCount("max_tokens")),
+            (r#"{"max_tokens":5,"n":0}"#, AdaptError::NotCount("n")),
+            (r#"{"maxTokens":100000}"#, AdaptError::Ambiguous("max_tokens")),
             (
                 r#"{"max_tokens":1,"MAX_TOKENS":100000}"#,
                 AdaptError::Ambiguous("max_tokens"),
