@@ -15,10 +15,10 @@ pub struct Fields<const N: usize> {
     pub repeated: bool,
     /// Keys in the object, named or not.
     pub keys: usize,
-    /// The first guarded name (by position) that a key spells in another
-    /// case, or that two keys spell alike ignoring case: a provider whose
-    /// parser matches keys loosely (Go's `encoding/json`) or keeps the
-    /// first of two would read a value the gateway did not.
+    /// The first guarded name (by position) that a key folds to without
+    /// being spelled so, or that two keys fold to (`folds_to`): a provider
+    /// whose parser matches keys loosely (Go's `encoding/json`) or keeps
+    /// the first of two would read a value the gateway did not.
     pub ambiguous: Option<usize>,
 }
 
@@ -110,7 +110,7 @@ fn folds_to(key: &str, name: &str) -> bool {
 struct Key {
     /// Its position among the names asked for.
     named: Option<usize>,
-    /// The guarded name it matches ignoring case, and whether exactly.
+    /// The guarded name it folds to, and whether it is spelled so.
     guarded: Option<(usize, bool)>,
 }
 
