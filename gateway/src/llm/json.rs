@@ -300,16 +300,6 @@ mod tests {
     /// each their own: none folds to another guarded name.
     #[test]
     fn openai_request_fields_are_not_ambiguous() {
-        let guarded = [
-            "model",
-            "stream",
-            "stream_options",
-            "max_tokens",
-            "max_completion_tokens",
-            "max_output_tokens",
-            "n",
-            "best_of",
-        ];
         let fields = [
             "messages",
             "model",
@@ -362,7 +352,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(",")
         );
-        let f = top_level(body.as_bytes(), [None::<&str>; 0], &guarded).unwrap();
+        let f = top_level(body.as_bytes(), [None::<&str>; 0], &crate::llm::provider::GUARDED).unwrap();
         assert_eq!(f.ambiguous, None);
         assert_eq!(f.keys, fields.len());
     }

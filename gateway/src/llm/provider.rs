@@ -374,6 +374,27 @@ mod tests {
         adapt_body(&Bytes::copy_from_slice(body), p, endpoint, limit)
     }
 
+    /// The same upstream JSON (as a `Value` reads it), model, stream and
+    /// usage flag, or the same error.
+    fn assert_same_adaptation(
+        got: Result<Adapted, AdaptError>,
+        want: Result<Adapted, AdaptError>,
+        case: &str,
+    ) {
+        match (got, want) {
+            (Ok(got), Ok(want)) => {
+                let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).expect("JSON");
+                assert_eq!(parse(&got.body), parse(&want.body), "{case}");
+                assert_eq!(
+                    (got.model, got.stream, got.hide_usage_chunk),
+                    (want.model, want.stream, want.hide_usage_chunk),
+                    "{case}"
+                );
+            }
+            (got, want) => assert_eq!(got, want, "{case}"),
+        }
+    }
+
     #[test]
     fn fills_model_and_stream_only_when_missing() {
         let a = adapt(
@@ -536,19 +557,7 @@ mod tests {
                         let got = adapt_body(&bytes, &p, e, limit);
                         in_place += usize::from(adapt_in_place(&bytes, &p, e, limit).is_some());
                         let case = format!("{body} / {:?} / {limit:?}", e.operation);
-                        match (want, got) {
-                            (Ok(want), Ok(got)) => {
-                                let parse =
-                                    |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
-                                assert_eq!(parse(&got.body), parse(&want.body), "{case}");
-                                assert_eq!(
-                                    (got.model, got.stream, got.hide_usage_chunk),
-                                    (want.model, want.stream, want.hide_usage_chunk),
-                                    "{case}"
-                                );
-                            }
-                            (want, got) => assert_eq!(got, want, "{case}"),
-                        }
+                        assert_same_adaptation(got, want, &case);
                     }
                 }
             }
@@ -689,22 +698,11 @@ mod tests {
                     assert!(matches!(got, Err(AdaptError::Ambiguous(_))), "{case}: {got:?}");
                     return;
                 }
-                let want = adapt_value(&body, &p, e, limit);
-                match (got, want) {
-                    (Ok(got), Ok(want)) => {
-                        let up =
-                            json::top_level(&got.body, [None::<&str>; 0], &GUARDED).expect("JSON upstream");
-                        assert_eq!(up.ambiguous, None, "{case} went up as {:?}", got.body);
-                        let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).expect("JSON");
-                        assert_eq!(parse(&got.body), parse(&want.body), "{case}");
-                        assert_eq!(
-                            (got.model, got.stream, got.hide_usage_chunk),
-                            (want.model, want.stream, want.hide_usage_chunk),
-                            "{case}"
-                        );
-                    }
-                    (got, want) => assert_eq!(got, want, "{case}"),
+                if let Ok(got) = &got {
+                    let up = json::top_level(&got.body, [None::<&str>; 0], &GUARDED).expect("JSON upstream");
+                    assert_eq!(up.ambiguous, None, "{case} went up as {:?}", got.body);
                 }
+                assert_same_adaptation(got, adapt_value(&body, &p, e, limit), &case);
             });
     }
 
