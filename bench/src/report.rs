@@ -83,6 +83,11 @@ pub fn markdown(r: &Value) -> String {
         r["versions"]["nginx"].as_str().unwrap_or(""),
         r["versions"]["litellm"].as_str().filter(|v| !v.is_empty()).map(|v| format!(", {v}")).unwrap_or_default(),
     ));
+    if let Some(pgo) = r["versions"]["pgo"].as_str() {
+        out.push_str(&format!(
+            "The agent and gateway are built with profile-guided optimisation (`pgo/`): {pgo}.\n\n"
+        ));
+    }
     if let Some(kept) = r["kept_from_previous_run"].as_array() {
         let names: Vec<&str> = kept.iter().filter_map(Value::as_str).collect();
         out.push_str(&format!(

@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
 # The egress gateway: one static binary, the system CA roots for provider
-# TLS, run as an unprivileged user. The `test-provider` target is the
-# OpenAI-compatible test provider `cargo xtask kind` uses without a real key.
+# TLS, run as an unprivileged user; optimised with the committed PGO profile
+# (pgo/). The `test-provider` target is the OpenAI-compatible test provider
+# `cargo xtask kind` uses without a real key.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --profile dist -p llm-egress-gateway -p llm-egress-tests --bins --target x86_64-unknown-linux-gnu \
-      --config 'target.x86_64-unknown-linux-gnu.rustflags=["-C","target-feature=+crt-static"]' \
+      --config 'target.x86_64-unknown-linux-gnu.rustflags=["-C","target-feature=+crt-static","-C","profile-use=/src/pgo/llm-egress.profdata"]' \
  && cp target/x86_64-unknown-linux-gnu/dist/llm-egress-gateway /llm-egress-gateway \
  && cp target/x86_64-unknown-linux-gnu/dist/llm-egress-fake-provider /llm-egress-fake-provider
 

@@ -3,6 +3,7 @@
 mod demo;
 mod kube;
 mod node;
+mod pgo;
 mod setup;
 
 use std::process::Command;
@@ -48,6 +49,9 @@ enum Cmd {
     Demo,
     /// Measure llm-egress against a direct connection, an ASM-style Envoy path and nginx.
     Bench(BenchArgs),
+    /// Train the profile the shipped builds are optimised with (PGO): instrumented builds run the
+    /// bench's quick workload, merged into pgo/llm-egress.profdata (as root; about 15 minutes).
+    Pgo,
     /// Regenerate the CRDs from the Rust types and the plain manifests from the Helm chart.
     Crds,
     /// Create a kind cluster, load the images, install the chart and the seed, run the seed's test (needs Docker and kind).
@@ -187,10 +191,36 @@ struct BenchArgs {
     no_litellm: bool,
 }
 
-/// The agent and gateway as shipped (`profile.dist`: what the images
-/// build), and the load generator and provider as plain release builds,
-/// gathered in one directory for the bench.
+/// The agent and gateway as shipped (`profile.dist` with the committed
+/// PGO profile: what the images build), and the load generator and
+/// provider as plain release builds, gathered in one directory for the
+/// bench.
 fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let helpers = release_helper_bins(target)?;
+    let step = setup::Step::start(
+        "building the agent and gateway as shipped (profile dist: LTO and PGO; a few minutes)",
+    );
+    run(cargo()
+        .args([
+            "build",
+            "--profile",
+            "dist",
+            "-p",
+            "llm-egress-agent",
+            "-p",
+            "llm-egress-gateway",
+            "--bins",
+        ])
+        .args(pgo::dist_build_args()?))?;
+    step.done();
+    let dir = target.join("bench-bin");
+    link_bench_bins(&dir, &helpers, &target.join("dist"))?;
+    Ok(dir)
+}
+
+/// The bench's own programs (load generator, provider, DNS, authorizers)
+/// as release builds; returns their directory.
+fn release_helper_bins(target: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -200,26 +230,22 @@ fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<std::path::Pat
         "llm-egress-bench",
         "--bins",
     ]))?;
-    let step =
-        setup::Step::start("building the agent and gateway as shipped (profile dist: LTO; a few minutes)");
-    run(cargo().args([
-        "build",
-        "--profile",
-        "dist",
-        "-p",
-        "llm-egress-agent",
-        "-p",
-        "llm-egress-gateway",
-        "--bins",
-    ]))?;
-    step.done();
-    let dir = target.join("bench-bin");
+    Ok(target.join("release"))
+}
+
+/// Fills `dir` with links: the helpers from `helpers`, the agent and
+/// gateway from `shipped`.
+fn link_bench_bins(
+    dir: &std::path::Path,
+    helpers: &std::path::Path,
+    shipped_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let shipped = ["llm-egress-agent", "llm-egress-gateway"];
-    for entry in std::fs::read_dir(target.join("release"))? {
+    for entry in std::fs::read_dir(helpers)? {
         let path = entry?.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
@@ -233,9 +259,9 @@ fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<std::path::Pat
         }
     }
     for name in shipped {
-        std::os::unix::fs::symlink(target.join("dist").join(name), dir.join(name))?;
+        std::os::unix::fs::symlink(shipped_dir.join(name), dir.join(name))?;
     }
-    Ok(dir)
+    Ok(())
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -277,6 +303,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         run(build.arg("--bins"))?;
         target.join("debug")
     };
+    // Programs the user points at (a profiling wrapper, an A/B build) are
+    // not the ones this command built, so the report names no profile then.
+    let own_bins = std::env::var_os("LLM_EGRESS_BIN_DIR").is_none();
     match std::env::var_os("LLM_EGRESS_BIN_DIR") {
         // A profiling run wraps a binary (heaptrack, perf): docs/bench/README.md.
         Some(dir) => println!(
@@ -297,6 +326,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         sections,
     };
     let mut report = llm_egress_bench::run(&opts)?;
+    if release && own_bins {
+        report["versions"]["pgo"] = serde_json::json!(pgo::trained());
+    }
     if let Some(previous) = merge {
         let text = std::fs::read_to_string(&previous)
             .with_context(|| format!("reading {} (--merge)", previous.display()))?;
@@ -358,6 +390,7 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
             demo::run()
         }
         Cmd::Bench(args) => bench(args),
+        Cmd::Pgo => pgo::train(),
         Cmd::Crds => kube::crds(),
         Cmd::Kind { keep } => kube::kind(keep),
         Cmd::Node(cmd) => node::node(cmd),
