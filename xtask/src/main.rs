@@ -200,18 +200,17 @@ fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<std::path::Pat
     let step = setup::Step::start(
         "building the agent and gateway as shipped (profile dist: LTO and PGO; a few minutes)",
     );
-    run(cargo()
-        .args([
-            "build",
-            "--profile",
-            "dist",
-            "-p",
-            "llm-egress-agent",
-            "-p",
-            "llm-egress-gateway",
-            "--bins",
-        ])
-        .args(pgo::dist_build_args()?))?;
+    let (key, flags) = pgo::dist_build_env()?;
+    run(cargo().env(key, flags).args([
+        "build",
+        "--profile",
+        "dist",
+        "-p",
+        "llm-egress-agent",
+        "-p",
+        "llm-egress-gateway",
+        "--bins",
+    ]))?;
     step.done();
     let dir = target.join("bench-bin");
     link_bench_bins(&dir, &helpers, &target.join("dist"))?;

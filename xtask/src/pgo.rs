@@ -29,10 +29,10 @@ pub fn profile_path() -> PathBuf {
     repo().join(PROFILE)
 }
 
-/// `--config` arguments that make a `dist` build use the profile. Without
-/// it the build would silently lose the optimisation the bench reports, so
+/// The environment that makes a `dist` build use the profile. Without it
+/// the build would silently lose the optimisation the bench reports, so
 /// its absence is an error that says how to make one.
-pub fn dist_build_args() -> anyhow::Result<Vec<String>> {
+pub fn dist_build_env() -> anyhow::Result<(&'static str, String)> {
     let profile = profile_path();
     if !profile.is_file() {
         bail!(
@@ -43,21 +43,33 @@ pub fn dist_build_args() -> anyhow::Result<Vec<String>> {
     let profile = profile
         .canonicalize()
         .with_context(|| format!("resolving {}", profile.display()))?;
-    Ok(rustflags_config(&format!("-Cprofile-use={}", profile.display())))
+    Ok(rustflags_env(&format!("-Cprofile-use={}", profile.display())))
 }
 
-/// `build.rustflags` through `--config`, so that it adds to nothing a user
-/// set and the eBPF crate's own build (aya-build sets its flags) is
-/// untouched.
-fn rustflags_config(flag: &str) -> Vec<String> {
-    vec![
-        "--config".into(),
-        format!("build.rustflags=[{}]", toml_string(flag)),
-    ]
+/// `CARGO_ENCODED_RUSTFLAGS` with `flag` added to whatever flags the user
+/// set: cargo reads only one source of flags, and this one comes first, so
+/// a `--config` or a `RUSTFLAGS` alone would drop the user's or ours. The
+/// eBPF crate's own build is untouched (aya-build sets its flags).
+fn rustflags_env(flag: &str) -> (&'static str, String) {
+    let user = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    (
+        "CARGO_ENCODED_RUSTFLAGS",
+        with_flag(
+            user("CARGO_ENCODED_RUSTFLAGS").as_deref(),
+            user("RUSTFLAGS").as_deref(),
+            flag,
+        ),
+    )
 }
 
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+fn with_flag(encoded: Option<&str>, plain: Option<&str>, flag: &str) -> String {
+    let mut flags: Vec<&str> = match (encoded, plain) {
+        (Some(e), _) => e.split('\x1f').collect(),
+        (None, Some(p)) => p.split_whitespace().collect(),
+        (None, None) => Vec::new(),
+    };
+    flags.push(flag);
+    flags.join("\x1f")
 }
 
 /// LLVM's profile merger, from rustup's `llvm-tools` component (its LLVM
@@ -117,19 +129,17 @@ pub fn train() -> anyhow::Result<()> {
     let step = crate::setup::Step::start(
         "building the agent and gateway instrumented (profile dist; several minutes)",
     );
-    run(cargo()
-        .env("CARGO_TARGET_DIR", &work)
-        .args([
-            "build",
-            "--profile",
-            "dist",
-            "-p",
-            "llm-egress-agent",
-            "-p",
-            "llm-egress-gateway",
-            "--bins",
-        ])
-        .args(rustflags_config("-Cprofile-generate=/nonexistent/llm-egress-pgo")))?;
+    let (key, flags) = rustflags_env("-Cprofile-generate=/nonexistent/llm-egress-pgo");
+    run(cargo().env("CARGO_TARGET_DIR", &work).env(key, flags).args([
+        "build",
+        "--profile",
+        "dist",
+        "-p",
+        "llm-egress-agent",
+        "-p",
+        "llm-egress-gateway",
+        "--bins",
+    ]))?;
     step.done();
     let helpers = crate::release_helper_bins(&target)?;
     let bins = work.join("bin");
@@ -215,10 +225,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_profile_flag_survives_quoting() {
-        let args = rustflags_config(r#"-Cprofile-use=/a "b"\c"#);
-        assert_eq!(args[0], "--config");
-        assert_eq!(args[1], r#"build.rustflags=["-Cprofile-use=/a \"b\"\\c"]"#);
+    fn the_profile_flag_is_added_to_the_users_flags() {
+        let flag = "-Cprofile-use=/p/llm egress.profdata";
+        assert_eq!(with_flag(None, None, flag), flag);
+        assert_eq!(
+            with_flag(None, Some(" -Ctarget-cpu=native  -g "), flag),
+            format!("-Ctarget-cpu=native\x1f-g\x1f{flag}")
+        );
+        // The encoded form wins, as in cargo, and keeps spaces in a flag.
+        assert_eq!(
+            with_flag(Some("-Clink-arg=a b"), Some("-g"), flag),
+            format!("-Clink-arg=a b\x1f{flag}")
+        );
     }
 
     /// The shipped builds need the committed profile, and it must be an
@@ -228,6 +246,6 @@ mod tests {
         let bytes = std::fs::read(profile_path()).expect("pgo/llm-egress.profdata is committed");
         // IndexedInstrProf::Magic: "\xfflprofi\x81", little-endian u64.
         assert_eq!(bytes.get(..8), Some(&0x8169666f72706cffu64.to_le_bytes()[..]));
-        assert!(dist_build_args().is_ok());
+        assert!(dist_build_env().is_ok());
     }
 }
