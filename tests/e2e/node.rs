@@ -7,7 +7,7 @@
 
 use llm_egress_tests::{
     env,
-    node_lab::{agent_cgroup_root, MachineState, Node},
+    node_lab::{agent_cgroup_root, nodes_up, reclaim_stale_nodes, MachineState, Node},
 };
 
 /// Directories named `pod<uid>` below `root`, at any depth.
@@ -29,10 +29,17 @@ fn pod_cgroups(root: &std::path::Path, found: &mut Vec<String>) {
 #[test]
 fn seed_scenario_through_the_helm_chart_on_a_real_kubelet_node_leaves_no_trace() {
     env::require_root();
+    // A run killed half-way (or a machine stopped under it) leaves its node
+    // behind: that must not fail this run, and it is torn down first.
+    let reclaimed = reclaim_stale_nodes().expect("tearing down stale nodes");
+    if !reclaimed.is_empty() {
+        println!("tore down stale nodes: {reclaimed:?}");
+    }
     let before = MachineState::read();
     assert!(
         before.cgroups.is_empty() && !before.links.iter().any(|l| l.starts_with("llmeg-h")),
-        "a node is already running on this machine: stop it with `cargo xtask node down`"
+        "a node is running on this machine (state in {:?}): stop it with `cargo xtask node down`",
+        nodes_up()
     );
     let state = tempfile::Builder::new()
         .prefix("llm-egress-node")

@@ -15,7 +15,7 @@ pub enum NodeCmd {
     Up,
     /// Run the seed's scenario (deploy/scenario/seed.sh) on the running node.
     Seed,
-    /// Stop the node and restore the machine (sysctls, mounts, cgroups, namespaces).
+    /// Stop the node and restore the machine (sysctls, mounts, cgroups, namespaces); also tears down nodes left by killed runs.
     Down,
     /// Up, the seed's scenario, down: what `cargo xtask test` proves.
     Run,
@@ -95,7 +95,21 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
         }
         NodeCmd::Down => {
             if !state.join("up").exists() {
-                println!("no node is up in {}", state.display());
+                let reclaimed = node_lab::reclaim_stale_nodes()?;
+                for s in &reclaimed {
+                    println!("tore down the stale node in {}", s.display());
+                }
+                let left = node_lab::nodes_up();
+                if !left.is_empty() {
+                    bail!(
+                        "no node is up in {}, but one is running in {}: tests own their nodes and stop them when they end",
+                        state.display(),
+                        left[0].display()
+                    );
+                }
+                if reclaimed.is_empty() {
+                    println!("no node is up in {}", state.display());
+                }
                 return Ok(());
             }
             let mut node = Node::existing(&state)?;
