@@ -128,7 +128,29 @@ fn is_stale(state: &Path) -> bool {
     }
 }
 
-/// State directories of the nodes that are up on this machine.
+/// Whether `state` may be trusted as a node's state: teardown runs as root
+/// on what it holds (pids it kills, directories it removes, sysctls it
+/// writes), and /tmp is writable by every user, so it must be a real
+/// directory (not a link) that only this user owns and can write.
+pub fn trusted_state_dir(state: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(state).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        return Err("it is not a directory".into());
+    }
+    if meta.uid() != me {
+        return Err(format!("it is owned by uid {}, not by uid {me}", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("others may write to it (mode {:o})", meta.mode() & 0o777));
+    }
+    Ok(())
+}
+
+/// State directories of the nodes that are up on this machine (only
+/// trusted ones: another user's directory is never acted on).
 pub fn nodes_up() -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/tmp") else {
         return Vec::new();
@@ -137,7 +159,7 @@ pub fn nodes_up() -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(STATE_PREFIX))
         .map(|e| e.path())
-        .filter(|p| p.join("up").exists())
+        .filter(|p| trusted_state_dir(p).is_ok() && p.join("up").exists())
         .collect();
     up.sort();
     up
@@ -225,6 +247,12 @@ impl Node {
             );
         }
         std::fs::create_dir_all(state)?;
+        if let Err(why) = trusted_state_dir(state) {
+            bail!(
+                "{} cannot hold a node's state: {why}. Remove it, then try again",
+                state.display()
+            );
+        }
         // Owned by this process until `keep()`: if it dies, the node is
         // stale and the next run reclaims it.
         if let Some(owner) = owner_line(std::process::id()) {
@@ -468,11 +496,20 @@ mod tests {
     fn running_as(dir: &Path, name: &str) -> std::process::Child {
         let exe = dir.join(name);
         std::fs::copy("/bin/sleep", &exe).expect("copying sleep");
-        Command::new(&exe)
+        let child = Command::new(&exe)
             .arg("60")
             .stdout(Stdio::null())
             .spawn()
-            .expect("starting the copy of sleep")
+            .expect("starting the copy of sleep");
+        // spawn returns once the exec has begun, and the kernel renames the
+        // process a little later: wait for the name.
+        let comm = format!("/proc/{}/comm", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(&comm).unwrap_or_default().trim() != name {
+            assert!(std::time::Instant::now() < deadline, "{name} never got its name");
+            std::thread::yield_now();
+        }
+        child
     }
 
     fn node_state(owner: Option<String>, daemon_pid: Option<u32>) -> tempfile::TempDir {
@@ -499,6 +536,31 @@ mod tests {
         assert!(!owner_alive(&format!("{} {}", std::process::id(), start + 1)));
         for garbage in ["", "12", "x y", "-1 5", "1 x"] {
             assert!(!owner_alive(garbage), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_private_directory_of_this_user_is_trusted_with_a_nodes_state() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(trusted_state_dir(dir.path()), Ok(()));
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        assert!(trusted_state_dir(&open).is_err(), "world-writable");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
+        assert!(trusted_state_dir(&link).is_err(), "a link to a trusted directory");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").expect("file");
+        assert!(trusted_state_dir(&file).is_err());
+        // Another user's directory (as root, chown one to nobody).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).expect("mkdir");
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+            assert!(trusted_state_dir(&theirs).is_err(), "owned by nobody");
         }
     }
 
