@@ -14,6 +14,12 @@ use anyhow::{bail, Context};
 
 use crate::{env, kube_lab};
 
+mod claim;
+use claim::{
+    boot_id, lock_machine, owner_line, reclaim_locked, BOOT_FILE, NODE_COMMANDS, OWNER_FILE, STATE_PREFIX,
+};
+pub use claim::{nodes_up, reclaim_stale_nodes, trusted_state_dir};
+
 /// The images `node-images.sh` writes, as docker-archives.
 pub const IMAGES: [&str; 5] = ["pause", "agent", "gateway", "test-provider", "test-client"];
 
@@ -70,127 +76,6 @@ pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/tmp").join(STATE_PREFIX)
 }
 
-/// Every node's state directory is `/tmp/<STATE_PREFIX>*`: the default one
-/// and the tests' temporary ones.
-const STATE_PREFIX: &str = "llm-egress-node";
-
-/// Names the process that owns a node: `<pid> <start time>`. Its start time
-/// (field 22 of /proc/PID/stat) tells a reused pid from the owner.
-const OWNER_FILE: &str = "owner";
-
-/// When `pid` started, in clock ticks since boot; None if it is not running.
-fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may hold spaces: count from after it.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// This process, as an owner file names it.
-fn owner_line(pid: u32) -> Option<String> {
-    Some(format!("{pid} {}", process_start_time(pid)?))
-}
-
-/// Whether the process an owner file names is still the one running.
-fn owner_alive(line: &str) -> bool {
-    let mut fields = line.split_whitespace();
-    let (Some(pid), Some(start)) = (fields.next(), fields.next()) else {
-        return false;
-    };
-    match (pid.parse::<u32>(), start.parse::<u64>()) {
-        (Ok(pid), Ok(start)) => process_start_time(pid) == Some(start),
-        _ => false,
-    }
-}
-
-/// Whether any daemon the node started (`STATE/pids/*`) still runs.
-fn daemons_alive(state: &Path) -> bool {
-    let Ok(pids) = std::fs::read_dir(state.join("pids")) else {
-        return false;
-    };
-    pids.flatten().any(|f| {
-        let pid = std::fs::read_to_string(f.path()).unwrap_or_default();
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()));
-        // A pid reused by another program is not the daemon.
-        comm.is_ok_and(|c| NODE_COMMANDS.iter().any(|n| c.trim().starts_with(n)))
-    })
-}
-
-/// A node is stale when nothing keeps it: the process that owns it is gone
-/// (a killed test run, a stopped machine), or, for a node the user kept,
-/// none of its daemons runs. Its namespaces, cgroups, sysctls and /var
-/// directories are still there. An owner that is alive keeps its node even
-/// before the daemons start.
-fn is_stale(state: &Path) -> bool {
-    match std::fs::read_to_string(state.join(OWNER_FILE)) {
-        Ok(owner) => !owner_alive(&owner),
-        Err(_) => !daemons_alive(state),
-    }
-}
-
-/// Whether `state` may be trusted as a node's state: teardown runs as root
-/// on what it holds (pids it kills, directories it removes, sysctls it
-/// writes), and /tmp is writable by every user, so it must be a real
-/// directory (not a link) that only this user owns and can write.
-pub fn trusted_state_dir(state: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(state).map_err(|e| e.to_string())?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if !meta.is_dir() {
-        return Err("it is not a directory".into());
-    }
-    if meta.uid() != me {
-        return Err(format!("it is owned by uid {}, not by uid {me}", meta.uid()));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!("others may write to it (mode {:o})", meta.mode() & 0o777));
-    }
-    Ok(())
-}
-
-/// State directories of the nodes that are up on this machine (only
-/// trusted ones: another user's directory is never acted on).
-pub fn nodes_up() -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir("/tmp") else {
-        return Vec::new();
-    };
-    let mut up: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(STATE_PREFIX))
-        .map(|e| e.path())
-        .filter(|p| trusted_state_dir(p).is_ok() && p.join("up").exists())
-        .collect();
-    up.sort();
-    up
-}
-
-/// Tears down the stale nodes on this machine, so that a run killed
-/// half-way does not fail every later one. Teardown works on the node's
-/// global names (its network namespace, its cgroup root), so while any
-/// node is kept alive nothing is touched. Returns what it tore down.
-pub fn reclaim_stale_nodes() -> anyhow::Result<Vec<PathBuf>> {
-    let up = nodes_up();
-    if up.iter().any(|s| !is_stale(s)) {
-        return Ok(Vec::new());
-    }
-    for state in &up {
-        eprintln!(
-            "node: tearing down a stale node in {} (its owner or its daemons are gone)",
-            state.display()
-        );
-        status(
-            &mut script(&["down"], state),
-            &format!("tearing down the stale node in {}", state.display()),
-        )?;
-        // A test's temporary directory has no owner left to remove it.
-        if *state != default_state_dir() {
-            let _ = std::fs::remove_dir_all(state);
-        }
-    }
-    Ok(up)
-}
-
 /// A node that is up; `down()` (or drop) tears it down.
 pub struct Node {
     pub state: PathBuf,
@@ -238,7 +123,8 @@ impl Node {
                 );
             }
         }
-        reclaim_stale_nodes()?;
+        let _lock = lock_machine()?;
+        reclaim_locked()?;
         // Never touch a node that is up: failing here must not tear it down.
         if state.join("up").exists() {
             bail!(
@@ -255,9 +141,10 @@ impl Node {
         }
         // Owned by this process until `keep()`: if it dies, the node is
         // stale and the next run reclaims it.
-        if let Some(owner) = owner_line(std::process::id()) {
-            std::fs::write(state.join(OWNER_FILE), owner)?;
-        }
+        let owner = owner_line(std::process::id())
+            .context("reading this process's start time from /proc/self/stat")?;
+        std::fs::write(state.join(OWNER_FILE), owner)?;
+        std::fs::write(state.join(BOOT_FILE), boot_id())?;
         let mut images = vec!["images"];
         images.extend(archives.iter().map(String::as_str));
         status(&mut script(&images, state), "importing the node's images")?;
@@ -278,7 +165,7 @@ impl Node {
             ),
             "bringing the node up",
         ) {
-            let _ = node.down();
+            let _ = node.down_locked();
             return Err(e);
         }
         Ok(node)
@@ -286,6 +173,10 @@ impl Node {
 
     /// A node brought up earlier by `cargo xtask node up`.
     pub fn existing(state: &Path) -> anyhow::Result<Node> {
+        // Its kubeconfig is used as root, and its teardown runs as root.
+        if let Err(why) = trusted_state_dir(state) {
+            bail!("{} cannot hold a node's state: {why}", state.display());
+        }
         if !state.join("up").exists() {
             bail!("no node is up in {} (run `cargo xtask node up`)", state.display());
         }
@@ -347,15 +238,27 @@ impl Node {
     /// Stops everything and restores the machine; fails if anything was
     /// left behind.
     pub fn down(&mut self) -> anyhow::Result<()> {
+        let _lock = lock_machine()?;
+        self.down_locked()
+    }
+
+    fn down_locked(&mut self) -> anyhow::Result<()> {
         self.up = false;
         status(&mut script(&["down"], &self.state), "tearing the node down")
     }
 
     /// Keep the node running after this handle is dropped: it is the
     /// user's from now on, stale only once its daemons are gone.
-    pub fn keep(mut self) {
+    pub fn keep(mut self) -> anyhow::Result<()> {
+        let owner = self.state.join(OWNER_FILE);
+        // Left in place, it would make the node stale once this process exits.
+        if let Err(e) = std::fs::remove_file(&owner) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e).with_context(|| format!("removing {}", owner.display()));
+            }
+        }
         self.up = false;
-        let _ = std::fs::remove_file(self.state.join(OWNER_FILE));
+        Ok(())
     }
 }
 
@@ -398,18 +301,6 @@ const VAR_DIRS: [&str; 6] = [
     "/var/log/containers",
     "/opt/containerd",
     "/run/containerd",
-];
-
-const NODE_COMMANDS: [&str; 9] = [
-    "etcd",
-    "kube-apiserver",
-    "kube-controller",
-    "kube-scheduler",
-    "kubelet",
-    "kube-proxy",
-    "containerd",
-    "containerd-shim",
-    "llm-egress-node",
 ];
 
 fn lines_of(cmd: &str) -> BTreeSet<String> {
@@ -476,128 +367,5 @@ impl MachineState {
                 .collect(),
             node_processes,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::process::Stdio;
-
-    /// A child that has exited and been reaped: its pid names no process.
-    fn gone_pid() -> u32 {
-        let mut child = Command::new("true").spawn().expect("spawning true");
-        let pid = child.id();
-        child.wait().expect("reaping true");
-        pid
-    }
-
-    /// A running process whose command name is `name` (a copy of sleep).
-    fn running_as(dir: &Path, name: &str) -> std::process::Child {
-        let exe = dir.join(name);
-        std::fs::copy("/bin/sleep", &exe).expect("copying sleep");
-        let child = Command::new(&exe)
-            .arg("60")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting the copy of sleep");
-        // spawn returns once the exec has begun, and the kernel renames the
-        // process a little later: wait for the name.
-        let comm = format!("/proc/{}/comm", child.id());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_to_string(&comm).unwrap_or_default().trim() != name {
-            assert!(std::time::Instant::now() < deadline, "{name} never got its name");
-            std::thread::yield_now();
-        }
-        child
-    }
-
-    fn node_state(owner: Option<String>, daemon_pid: Option<u32>) -> tempfile::TempDir {
-        let state = tempfile::tempdir().expect("tempdir");
-        std::fs::write(state.path().join("up"), "").expect("up");
-        if let Some(owner) = owner {
-            std::fs::write(state.path().join(OWNER_FILE), owner).expect("owner");
-        }
-        if let Some(pid) = daemon_pid {
-            std::fs::create_dir_all(state.path().join("pids")).expect("pids");
-            std::fs::write(state.path().join("pids/kubelet"), pid.to_string()).expect("pid");
-        }
-        state
-    }
-
-    #[test]
-    fn an_owner_is_alive_only_while_the_same_process_runs() {
-        let me = owner_line(std::process::id()).expect("this process has a start time");
-        assert!(owner_alive(&me));
-        let gone = gone_pid();
-        assert!(!owner_alive(&format!("{gone} 1")));
-        // The same pid with another start time is another process.
-        let start = process_start_time(std::process::id()).expect("start time");
-        assert!(!owner_alive(&format!("{} {}", std::process::id(), start + 1)));
-        for garbage in ["", "12", "x y", "-1 5", "1 x"] {
-            assert!(!owner_alive(garbage), "{garbage:?}");
-        }
-    }
-
-    #[test]
-    fn only_a_private_directory_of_this_user_is_trusted_with_a_nodes_state() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(trusted_state_dir(dir.path()), Ok(()));
-        let open = dir.path().join("open");
-        std::fs::create_dir(&open).expect("mkdir");
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        assert!(trusted_state_dir(&open).is_err(), "world-writable");
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
-        assert!(trusted_state_dir(&link).is_err(), "a link to a trusted directory");
-        let file = dir.path().join("file");
-        std::fs::write(&file, "").expect("file");
-        assert!(trusted_state_dir(&file).is_err());
-        // Another user's directory (as root, chown one to nobody).
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            let theirs = dir.path().join("theirs");
-            std::fs::create_dir(&theirs).expect("mkdir");
-            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
-            assert!(trusted_state_dir(&theirs).is_err(), "owned by nobody");
-        }
-    }
-
-    #[test]
-    fn a_node_whose_owner_lives_is_kept_even_before_its_daemons_start() {
-        let me = owner_line(std::process::id());
-        let state = node_state(me, None);
-        assert!(!is_stale(state.path()));
-    }
-
-    #[test]
-    fn a_node_whose_owner_is_gone_is_stale_even_with_daemons_running() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut kubelet = running_as(dir.path(), "kubelet");
-        let state = node_state(Some(format!("{} 1", gone_pid())), Some(kubelet.id()));
-        let stale = is_stale(state.path());
-        let _ = kubelet.kill();
-        let _ = kubelet.wait();
-        assert!(stale);
-    }
-
-    #[test]
-    fn a_kept_node_is_stale_once_none_of_its_daemons_runs() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut kubelet = running_as(dir.path(), "kubelet");
-        let state = node_state(None, Some(kubelet.id()));
-        let alive = is_stale(state.path());
-        let _ = kubelet.kill();
-        let _ = kubelet.wait();
-        assert!(!alive, "a kept node with its kubelet running is not stale");
-        assert!(is_stale(state.path()), "its kubelet is gone");
-        // A pid reused by a program that is not one of the node's daemons.
-        let mut other = running_as(dir.path(), "not-a-daemon");
-        let reused = node_state(None, Some(other.id()));
-        let stale = is_stale(reused.path());
-        let _ = other.kill();
-        let _ = other.wait();
-        assert!(stale);
     }
 }

@@ -76,12 +76,13 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
         NodeCmd::Up => {
             prepare()?;
             let node = Node::up(&state)?;
+            let kubeconfig = node.kubeconfig.clone();
+            node.keep()?;
             println!(
                 "node is up; use it with:\n  export KUBECONFIG={}\n  {} get nodes\nstop it with `cargo xtask node down`",
-                node.kubeconfig.display(),
+                kubeconfig.display(),
                 llm_egress_tests::kube_lab::tool("kubectl").display()
             );
-            node.keep();
             Ok(())
         }
         NodeCmd::Seed => {
