@@ -3,12 +3,16 @@
 # bpf-linker, installed by `cargo xtask setup`) and embedded in one static
 # binary, optimised with the committed PGO profile (pgo/). Runs privileged as
 # root in the DaemonSet (it loads eBPF).
-FROM rust:1.95-bookworm AS build
+#
+# `cargo xtask dist` builds the agent and the gateway together, exactly as
+# the profile was trained (same target, features and compiler: each changes
+# the symbol names the profile matches functions by), and fails if the
+# profile does not cover them. The compiler is pinned to pgo/TRAINED's.
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo xtask setup --toolchain-only \
- && cargo build --profile dist -p llm-egress-agent --target x86_64-unknown-linux-gnu \
-      --config 'target.x86_64-unknown-linux-gnu.rustflags=["-C","target-feature=+crt-static","-C","profile-use=/src/pgo/llm-egress.profdata"]' \
+ && cargo xtask dist \
  && cp target/x86_64-unknown-linux-gnu/dist/llm-egress-agent /llm-egress-agent
 
 FROM scratch

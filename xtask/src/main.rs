@@ -52,6 +52,9 @@ enum Cmd {
     /// Train the profile the shipped builds are optimised with (PGO): instrumented builds run the
     /// bench's quick workload, merged into pgo/llm-egress.profdata (as root; about 15 minutes).
     Pgo,
+    /// Build the agent and gateway as shipped (static, LTO, the committed PGO profile) and check
+    /// that the profile covers them: what the images and the bench run. Prints their directory.
+    Dist,
     /// Regenerate the CRDs from the Rust types and the plain manifests from the Helm chart.
     Crds,
     /// Create a kind cluster, load the images, install the chart and the seed, run the seed's test (needs Docker and kind).
@@ -191,30 +194,20 @@ struct BenchArgs {
     no_litellm: bool,
 }
 
-/// The agent and gateway as shipped (`profile.dist` with the committed
-/// PGO profile: what the images build), and the load generator and
-/// provider as plain release builds, gathered in one directory for the
-/// bench.
-fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+/// The agent and gateway as shipped (`profile.dist`, static, with the
+/// committed PGO profile: what the images build), and the load generator
+/// and provider as plain release builds, gathered in one directory for the
+/// bench. Also returns how much of the binaries the profile covers.
+fn release_bench_bins(target: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, String)> {
     let helpers = release_helper_bins(target)?;
     let step = setup::Step::start(
-        "building the agent and gateway as shipped (profile dist: LTO and PGO; a few minutes)",
+        "building the agent and gateway as shipped (profile dist: static, LTO and PGO; a few minutes)",
     );
-    let (key, flags) = pgo::dist_build_env()?;
-    run(cargo().env(key, flags).args([
-        "build",
-        "--profile",
-        "dist",
-        "-p",
-        "llm-egress-agent",
-        "-p",
-        "llm-egress-gateway",
-        "--bins",
-    ]))?;
+    let (shipped, coverage) = pgo::dist(target)?;
     step.done();
     let dir = target.join("bench-bin");
-    link_bench_bins(&dir, &helpers, &target.join("dist"))?;
-    Ok(dir)
+    link_bench_bins(&dir, &helpers, &shipped)?;
+    Ok((dir, coverage))
 }
 
 /// The bench's own programs (load generator, provider, DNS, authorizers)
@@ -291,8 +284,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let release = release || !quick;
     let target = llm_egress_tests::env::target_dir();
+    let mut pgo_coverage = None;
     let bins = if release {
-        release_bench_bins(&target)?
+        let (bins, coverage) = release_bench_bins(&target)?;
+        pgo_coverage = Some(coverage);
+        bins
     } else {
         let mut build = cargo();
         build.arg("build");
@@ -326,7 +322,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let mut report = llm_egress_bench::run(&opts)?;
     if release && own_bins {
-        report["versions"]["pgo"] = serde_json::json!(pgo::trained());
+        let coverage = pgo_coverage.unwrap_or_default();
+        report["versions"]["pgo"] = serde_json::json!(format!("{}; {coverage}", pgo::trained()));
     }
     if let Some(previous) = merge {
         let text = std::fs::read_to_string(&previous)
@@ -390,6 +387,12 @@ fn run_command(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Bench(args) => bench(args),
         Cmd::Pgo => pgo::train(),
+        Cmd::Dist => {
+            let (dir, coverage) = pgo::dist(&llm_egress_tests::env::target_dir())?;
+            println!("dist: {coverage}");
+            println!("{}", dir.canonicalize().unwrap_or(dir).display());
+            Ok(())
+        }
         Cmd::Crds => kube::crds(),
         Cmd::Kind { keep } => kube::kind(keep),
         Cmd::Node(cmd) => node::node(cmd),

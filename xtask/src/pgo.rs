@@ -29,10 +29,10 @@ pub fn profile_path() -> PathBuf {
     repo().join(PROFILE)
 }
 
-/// The environment that makes a `dist` build use the profile. Without it
-/// the build would silently lose the optimisation the bench reports, so
-/// its absence is an error that says how to make one.
-pub fn dist_build_env() -> anyhow::Result<(&'static str, String)> {
+/// The flag that makes a `dist` build use the profile. Without it the
+/// build would silently lose the optimisation the bench reports, so its
+/// absence is an error that says how to make one.
+pub fn profile_use_flag() -> anyhow::Result<String> {
     let profile = profile_path();
     if !profile.is_file() {
         bail!(
@@ -43,33 +43,192 @@ pub fn dist_build_env() -> anyhow::Result<(&'static str, String)> {
     let profile = profile
         .canonicalize()
         .with_context(|| format!("resolving {}", profile.display()))?;
-    Ok(rustflags_env(&format!("-Cprofile-use={}", profile.display())))
+    Ok(format!("-Cprofile-use={}", profile.display()))
 }
 
-/// `CARGO_ENCODED_RUSTFLAGS` with `flag` added to whatever flags the user
+/// Builds the agent and gateway as the images ship them: profile `dist`,
+/// static, for an explicit `--target` (a static glibc cannot build
+/// proc-macros, so the images need one), with `flag` added (the profile's
+/// use or its generation). Training, the bench and the Dockerfiles must
+/// all build this way: cargo gives crates built for an explicit target
+/// other symbol hashes than host builds, the profile names functions by
+/// those symbols, and a profile trained on a host build matched none of
+/// the images' functions. Returns the directory of the binaries.
+pub fn shipped_build(target_dir: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+    let triple = host_triple()?;
+    let (key, flags) = rustflags_env(&["-Ctarget-feature=+crt-static", flag]);
+    run(cargo().env("CARGO_TARGET_DIR", target_dir).env(key, flags).args([
+        "build",
+        "--profile",
+        "dist",
+        "--target",
+        &triple,
+        "-p",
+        "llm-egress-agent",
+        "-p",
+        "llm-egress-gateway",
+        "--bins",
+    ]))?;
+    Ok(target_dir.join(triple).join("dist"))
+}
+
+/// The shipped build with the committed profile, checked to be covered by
+/// it: `cargo xtask dist`, the bench and the images' Dockerfiles. Returns
+/// the binaries' directory and a line on the coverage for reports.
+pub fn dist(target_dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let dir = shipped_build(target_dir, &profile_use_flag()?)?;
+    let coverage = check_coverage(&dir)?;
+    Ok((dir, coverage))
+}
+
+/// `CARGO_ENCODED_RUSTFLAGS` with `ours` added to whatever flags the user
 /// set: cargo reads only one source of flags, and this one comes first, so
-/// a `--config` or a `RUSTFLAGS` alone would drop the user's or ours. The
-/// eBPF crate's own build is untouched (aya-build sets its flags).
-fn rustflags_env(flag: &str) -> (&'static str, String) {
+/// a `--config` or a `RUSTFLAGS` alone would drop the user's or ours. With
+/// `--target` they reach only the target's crates, not build scripts or
+/// proc-macros; the eBPF crate's own build is untouched (aya-build sets
+/// its flags).
+fn rustflags_env(ours: &[&str]) -> (&'static str, String) {
     let user = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     (
         "CARGO_ENCODED_RUSTFLAGS",
-        with_flag(
+        with_flags(
             user("CARGO_ENCODED_RUSTFLAGS").as_deref(),
             user("RUSTFLAGS").as_deref(),
-            flag,
+            ours,
         ),
     )
 }
 
-fn with_flag(encoded: Option<&str>, plain: Option<&str>, flag: &str) -> String {
+fn with_flags(encoded: Option<&str>, plain: Option<&str>, ours: &[&str]) -> String {
     let mut flags: Vec<&str> = match (encoded, plain) {
         (Some(e), _) => e.split('\x1f').collect(),
         (None, Some(p)) => p.split_whitespace().collect(),
         (None, None) => Vec::new(),
     };
-    flags.push(flag);
+    flags.extend_from_slice(ours);
     flags.join("\x1f")
+}
+
+/// The triple rustc builds for by default.
+fn host_triple() -> anyhow::Result<String> {
+    let host = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV printed no host")
+}
+
+/// How much of a binary the profile covers: of its Rust functions (by
+/// mangled symbol), how many the profile has counts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coverage {
+    pub profiled: usize,
+    pub functions: usize,
+}
+
+impl Coverage {
+    pub fn percent(&self) -> usize {
+        (self.profiled * 100).checked_div(self.functions).unwrap_or(0)
+    }
+}
+
+/// Below this, the profile was trained on another build (another target,
+/// compiler or dependency versions): a matching build measures about 90%.
+const MIN_COVERAGE_PERCENT: usize = 50;
+
+/// Checks that the profile covers the binaries in `dir`, so that no report
+/// claims PGO for a build the profile did not match. Returns a line for
+/// the report.
+pub fn check_coverage(dir: &Path) -> anyhow::Result<String> {
+    let names = profiled_functions()?;
+    let mut parts = Vec::new();
+    for bin in ["llm-egress-agent", "llm-egress-gateway"] {
+        let symbols = rust_symbols(&dir.join(bin))?;
+        let c = coverage(&names, &symbols);
+        if c.functions == 0 {
+            bail!(
+                "{bin} has no legacy-mangled Rust symbols to compare with the PGO profile: was it stripped, or built with `-Csymbol-mangling-version=v0` in your RUSTFLAGS? Build without either"
+            );
+        }
+        if c.percent() < MIN_COVERAGE_PERCENT {
+            bail!(
+                "the PGO profile covers only {} of {}'s {} functions ({}%): it was trained on another build (another target, compiler or dependency versions). Train it again with `sudo -E cargo xtask pgo`",
+                c.profiled,
+                bin,
+                c.functions,
+                c.percent()
+            );
+        }
+        parts.push(format!("{bin} {}%", c.percent()));
+    }
+    Ok(format!("functions with profile counts: {}", parts.join(", ")))
+}
+
+fn coverage(
+    profiled: &std::collections::HashSet<String>,
+    symbols: &std::collections::HashSet<String>,
+) -> Coverage {
+    Coverage {
+        profiled: symbols.iter().filter(|s| profiled.contains(*s)).count(),
+        functions: symbols.len(),
+    }
+}
+
+/// The mangled names of the functions in the committed profile.
+fn profiled_functions() -> anyhow::Result<std::collections::HashSet<String>> {
+    let out = Command::new(llvm_profdata()?)
+        .args(["show", "--all-functions"])
+        .arg(profile_path())
+        .output()
+        .context("running llvm-profdata show")?;
+    if !out.status.success() {
+        bail!(
+            "llvm-profdata could not read {}: {}",
+            profile_path().display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(function_names(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Function names in `llvm-profdata show --all-functions` output: the
+/// lines indented by two spaces that end with a colon. A function local
+/// to its object is named `<object>;<symbol>`; the symbol is what a
+/// binary's symbol table holds.
+fn function_names(show: &str) -> std::collections::HashSet<String> {
+    show.lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.strip_suffix(':'))
+        .map(|name| name.rsplit(';').next().unwrap_or(name))
+        .filter(|name| name.starts_with("_ZN"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The Rust functions (legacy-mangled symbols) a binary defines.
+fn rust_symbols(binary: &Path) -> anyhow::Result<std::collections::HashSet<String>> {
+    let out = Command::new("nm")
+        .arg("--defined-only")
+        .arg(binary)
+        .output()
+        .context("running nm (binutils)")?;
+    if !out.status.success() {
+        bail!(
+            "nm could not read {}: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|name| name.starts_with("_ZN"))
+        .map(str::to_string)
+        .collect())
 }
 
 /// LLVM's profile merger, from rustup's `llvm-tools` component (its LLVM
@@ -87,14 +246,7 @@ fn llvm_profdata() -> anyhow::Result<PathBuf> {
         .output()
         .context("running rustc --print sysroot")?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    let host = Command::new("rustc")
-        .arg("-vV")
-        .output()
-        .context("running rustc -vV")?;
-    let host = String::from_utf8_lossy(&host.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
-        .context("rustc -vV printed no host")?;
+    let host = host_triple()?;
     let tool = Path::new(&sysroot)
         .join("lib/rustlib")
         .join(host)
@@ -127,23 +279,13 @@ pub fn train() -> anyhow::Result<()> {
     std::fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
 
     let step = crate::setup::Step::start(
-        "building the agent and gateway instrumented (profile dist; several minutes)",
+        "building the agent and gateway instrumented (profile dist, static; several minutes)",
     );
-    let (key, flags) = rustflags_env("-Cprofile-generate=/nonexistent/llm-egress-pgo");
-    run(cargo().env("CARGO_TARGET_DIR", &work).env(key, flags).args([
-        "build",
-        "--profile",
-        "dist",
-        "-p",
-        "llm-egress-agent",
-        "-p",
-        "llm-egress-gateway",
-        "--bins",
-    ]))?;
+    let shipped = shipped_build(&work, "-Cprofile-generate=/nonexistent/llm-egress-pgo")?;
     step.done();
     let helpers = crate::release_helper_bins(&target)?;
     let bins = work.join("bin");
-    crate::link_bench_bins(&bins, &helpers, &work.join("dist"))?;
+    crate::link_bench_bins(&bins, &helpers, &shipped)?;
 
     // Where the processes write their counts (the compiled-in directory
     // is a placeholder): one file per binary, merged across processes.
@@ -208,8 +350,9 @@ pub fn train() -> anyhow::Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let trained = format!(
-        "commit {commit}, {date}, {rustc}; workload: `cargo xtask bench --quick --only paths,memory,curves` (1 round)\n",
+        "commit {commit}, {date}, {rustc}; build: dist, --target {triple}, +crt-static; workload: `cargo xtask bench --quick --only paths,memory,curves` (1 round)\n",
         date = llm_egress_bench::procstat::now_utc(),
+        triple = host_triple()?,
     );
     std::fs::write(repo().join(TRAINED), &trained)?;
     println!("pgo: wrote {} ({trained})", out.display());
@@ -229,18 +372,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_profile_flag_is_added_to_the_users_flags() {
-        let flag = "-Cprofile-use=/p/llm egress.profdata";
-        assert_eq!(with_flag(None, None, flag), flag);
+    fn our_flags_are_added_to_the_users_flags() {
+        let ours = [
+            "-Ctarget-feature=+crt-static",
+            "-Cprofile-use=/p/llm egress.profdata",
+        ];
+        let tail = ours.join("\x1f");
+        assert_eq!(with_flags(None, None, &ours), tail);
         assert_eq!(
-            with_flag(None, Some(" -Ctarget-cpu=native  -g "), flag),
-            format!("-Ctarget-cpu=native\x1f-g\x1f{flag}")
+            with_flags(None, Some(" -Ctarget-cpu=native  -g "), &ours),
+            format!("-Ctarget-cpu=native\x1f-g\x1f{tail}")
         );
         // The encoded form wins, as in cargo, and keeps spaces in a flag.
         assert_eq!(
-            with_flag(Some("-Clink-arg=a b"), Some("-g"), flag),
-            format!("-Clink-arg=a b\x1f{flag}")
+            with_flags(Some("-Clink-arg=a b"), Some("-g"), &ours),
+            format!("-Clink-arg=a b\x1f{tail}")
         );
+    }
+
+    #[test]
+    fn function_names_are_read_from_llvm_profdata_show() {
+        let show = "Counters:\n  _ZN5tokio7runtime3run17h0123456789abcdefE:\n    Hash: 0x0a\n    Counters: 3\n    Function count: 7\n  llm_egress_agent.5c16-cgu.0;_ZN3foo3bar17hfedcba9876543210E:\n    Hash: 0x0b\n  main:\n    Hash: 0x0c\nInstrumentation level: IR\nFunctions shown: 3\n";
+        let names = function_names(show);
+        let mut sorted: Vec<&str> = names.iter().map(String::as_str).collect();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            [
+                "_ZN3foo3bar17hfedcba9876543210E",
+                "_ZN5tokio7runtime3run17h0123456789abcdefE"
+            ]
+        );
+    }
+
+    #[test]
+    fn coverage_counts_the_binarys_functions_the_profile_names() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let profiled = set(&["_ZNa", "_ZNb", "_ZNc", "_ZNz"]);
+        let c = coverage(&profiled, &set(&["_ZNa", "_ZNb", "_ZNc", "_ZNd"]));
+        assert_eq!(
+            c,
+            Coverage {
+                profiled: 3,
+                functions: 4
+            }
+        );
+        assert_eq!(c.percent(), 75);
+        // Another build's hashes: nothing matches.
+        let c = coverage(&profiled, &set(&["_ZNx", "_ZNy"]));
+        assert!(c.percent() < MIN_COVERAGE_PERCENT);
+        assert_eq!(coverage(&profiled, &set(&[])).percent(), 0);
     }
 
     /// The shipped builds need the committed profile, and it must be an
@@ -250,6 +431,6 @@ mod tests {
         let bytes = std::fs::read(profile_path()).expect("pgo/llm-egress.profdata is committed");
         // IndexedInstrProf::Magic: "\xfflprofi\x81", little-endian u64.
         assert_eq!(bytes.get(..8), Some(&0x8169666f72706cffu64.to_le_bytes()[..]));
-        assert!(dist_build_env().is_ok());
+        assert!(profile_use_flag().is_ok());
     }
 }
