@@ -95,6 +95,13 @@ fn script(args: &[&str], state: &Path) -> Command {
     cmd
 }
 
+/// `node.sh down`, which kills the pids in `STATE/pids`: it is left only
+/// those that still name the node's daemons.
+fn teardown(state: &Path, what: &str) -> anyhow::Result<()> {
+    claim::forget_reused_pids(state);
+    status(&mut script(&["down"], state), what)
+}
+
 fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("starting {what}"))?;
     if !status.success() {
@@ -244,7 +251,7 @@ impl Node {
 
     fn down_locked(&mut self) -> anyhow::Result<()> {
         self.up = false;
-        status(&mut script(&["down"], &self.state), "tearing the node down")
+        teardown(&self.state, "tearing the node down")
     }
 
     /// Keep the node running after this handle is dropped: it is the

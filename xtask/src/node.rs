@@ -95,26 +95,28 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
             Ok(())
         }
         NodeCmd::Down => {
-            if !state.join("up").exists() {
-                let reclaimed = node_lab::reclaim_stale_nodes()?;
-                for s in &reclaimed {
-                    println!("tore down the stale node in {}", s.display());
-                }
-                let left = node_lab::nodes_up();
-                if !left.is_empty() {
-                    bail!(
-                        "no node is up in {}, but one is running in {}: tests own their nodes and stop them when they end",
-                        state.display(),
-                        left[0].display()
-                    );
-                }
-                if reclaimed.is_empty() {
-                    println!("no node is up in {}", state.display());
-                }
-                return Ok(());
+            // First what nothing keeps any more (a killed test's node, a
+            // kept node whose daemons died, a node from before a restart):
+            // those need more care than a plain teardown.
+            let reclaimed = node_lab::reclaim_stale_nodes()?;
+            for s in &reclaimed {
+                println!("tore down the stale node in {}", s.display());
             }
-            let mut node = Node::existing(&state)?;
-            node.down()
+            if state.join("up").exists() {
+                let mut node = Node::existing(&state)?;
+                return node.down();
+            }
+            if let Some(left) = node_lab::nodes_up().first() {
+                bail!(
+                    "no node is up in {}, but one is running in {}: tests own their nodes and stop them when they end",
+                    state.display(),
+                    left.display()
+                );
+            }
+            if reclaimed.is_empty() {
+                println!("no node is up in {}", state.display());
+            }
+            Ok(())
         }
         NodeCmd::Run => {
             prepare()?;

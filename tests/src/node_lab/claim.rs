@@ -108,6 +108,17 @@ fn pid_files(state: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Forgets the pid files that no longer name one of the node's daemons
+/// (the daemon died and its pid may be another program's now): teardown
+/// kills the pids it finds.
+pub(super) fn forget_reused_pids(state: &Path) {
+    for f in pid_files(state) {
+        if !is_node_daemon(&std::fs::read_to_string(&f).unwrap_or_default()) {
+            let _ = std::fs::remove_file(&f);
+        }
+    }
+}
+
 /// Whether any daemon the node started still runs.
 fn daemons_alive(state: &Path) -> bool {
     pid_files(state)
@@ -220,14 +231,8 @@ pub(super) fn reclaim_locked() -> anyhow::Result<Vec<PathBuf>> {
             "node: tearing down a stale node in {} (its owner or its daemons are gone)",
             state.display()
         );
-        // Teardown kills the pids it finds: leave it only the daemons.
-        for f in pid_files(state) {
-            if !is_node_daemon(&std::fs::read_to_string(&f).unwrap_or_default()) {
-                let _ = std::fs::remove_file(&f);
-            }
-        }
-        super::status(
-            &mut super::script(&["down"], state),
+        super::teardown(
+            state,
             &format!("tearing down the stale node in {}", state.display()),
         )?;
         // A test's temporary directory has no owner left to remove it.
@@ -362,6 +367,29 @@ mod tests {
         let _ = other.kill();
         let _ = other.wait();
         assert!(stale);
+    }
+
+    #[test]
+    fn teardown_is_left_only_the_pids_that_are_still_daemons() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut kubelet = running_as(dir.path(), "kubelet");
+        let mut other = running_as(dir.path(), "not-a-daemon");
+        let state = node_state(None, Some(kubelet.id()));
+        let pids = state.path().join("pids");
+        std::fs::write(pids.join("etcd"), other.id().to_string()).expect("pid");
+        std::fs::write(pids.join("containerd"), "garbage").expect("pid");
+        forget_reused_pids(state.path());
+        let mut left: Vec<String> = std::fs::read_dir(&pids)
+            .expect("pids")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        for child in [&mut kubelet, &mut other] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(left, ["kubelet"]);
     }
 
     #[test]
